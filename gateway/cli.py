@@ -1,0 +1,155 @@
+"""The ``dicom-gateway`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from gateway import __version__
+from gateway.config import ConfigError, GatewayConfig, LoggingConfig, load_config
+
+CONFIG_ENV = "DICOM_GATEWAY_CONFIG"
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+_PEER = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>\[[^\]]+\]|[^:]+):(?P<port>\d{1,5})$")
+
+
+def _config_path(args: argparse.Namespace) -> Path:
+    if args.config:
+        return Path(args.config)
+    from_env = os.environ.get(CONFIG_ENV)
+    if from_env:
+        return Path(from_env)
+    raise ConfigError(f"no configuration: pass --config FILE or set {CONFIG_ENV}")
+
+
+def _load(args: argparse.Namespace) -> GatewayConfig:
+    return load_config(_config_path(args))
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from gateway.logs import configure_logging
+    from gateway.node import Node
+
+    config = _load(args)
+    configure_logging(config.logging)
+    Node(config).run()
+    return EXIT_OK
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    path = _config_path(args)
+    config = load_config(path)
+    print(f"{path}: OK")
+    print(f"  node      {config.node.ae_title} on {config.node.host}:{config.node.port}")
+    print(f"  spool     {config.storage.spool_dir}")
+    print(f"  objects   {config.storage.object_store}")
+    print(f"  database  {_hide_password(config.storage.database)}")
+    calling = ", ".join(entry.ae_title for entry in config.calling_ae) or "(none)"
+    unknown = "accepted" if config.node.accept_unknown_calling_ae else "rejected"
+    print(f"  calling   {calling}; unknown calling AE titles are {unknown}")
+    return EXIT_OK
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from gateway.index.database import make_engine, migrate
+
+    config = _load(args)
+    engine = make_engine(config.storage.database)
+    migrate(engine)
+    engine.dispose()
+    print("database schema is up to date")
+    return EXIT_OK
+
+
+def parse_peer(text: str) -> tuple[str, str, int]:
+    """Parse ``AE@HOST:PORT`` (IPv6 hosts in brackets)."""
+    match = _PEER.match(text)
+    if not match:
+        raise ValueError(f"{text!r} is not AE@HOST:PORT")
+    port = int(match["port"])
+    if not 1 <= port <= 65535:
+        raise ValueError(f"port {port} is out of range")
+    return match["ae"], match["host"].strip("[]"), port
+
+
+def cmd_echo(args: argparse.Namespace) -> int:
+    import logging
+
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    from gateway.logs import configure_logging
+
+    configure_logging(LoggingConfig(format="console", level="error"))
+    logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
+    try:
+        ae_title, host, port = parse_peer(args.peer)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    ae = AE(ae_title=args.calling_ae)
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = args.timeout
+    assoc = ae.associate(host, port, ae_title=ae_title)
+    if not assoc.is_established:
+        reason = "association rejected" if assoc.is_rejected else "no association"
+        if assoc.is_rejected and assoc.acceptor.primitive is not None:
+            rj = assoc.acceptor.primitive
+            reason += f" (result {rj.result}, source {rj.result_source}, reason {rj.diagnostic})"
+        print(f"C-ECHO {args.peer}: FAILED, {reason}", file=sys.stderr)
+        return EXIT_FAILURE
+    status = assoc.send_c_echo()
+    assoc.release()
+    if status and int(status.Status) == 0:
+        print(f"C-ECHO {args.peer}: success")
+        return EXIT_OK
+    shown = f"0x{int(status.Status):04X}" if status else "no response"
+    print(f"C-ECHO {args.peer}: FAILED, status {shown}", file=sys.stderr)
+    return EXIT_FAILURE
+
+
+def _hide_password(url: str) -> str:
+    return re.sub(r"://([^:/@]+):[^@]+@", r"://\1:***@", url)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dicom-gateway",
+        description="A durable DICOM Storage SCP that indexes, stores and routes instances.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_config(sub: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        sub.add_argument("--config", "-c", help=f"TOML configuration file (or ${CONFIG_ENV})")
+        return sub
+
+    run = with_config(commands.add_parser("run", help="run the node in the foreground"))
+    run.set_defaults(handler=cmd_run)
+    check = with_config(commands.add_parser("check-config", help="validate a configuration"))
+    check.set_defaults(handler=cmd_check_config)
+    mig = with_config(commands.add_parser("migrate", help="bring the database schema up to date"))
+    mig.set_defaults(handler=cmd_migrate)
+    echo = commands.add_parser("echo", help="send a C-ECHO to AE@HOST:PORT")
+    echo.add_argument("peer", help="AE@HOST:PORT, e.g. PACS@10.1.9.9:104")
+    echo.add_argument("--calling-ae", default="ECHOSCU", help="our AE title (default ECHOSCU)")
+    echo.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
+    echo.set_defaults(handler=cmd_echo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``dicom-gateway`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.handler(args))
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return EXIT_USAGE

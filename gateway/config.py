@@ -1,0 +1,278 @@
+"""The gateway's configuration: one TOML file, validated into frozen models.
+
+Every option is documented where it is defined. Values can be overridden from the
+environment with ``DICOM_GATEWAY__<SECTION>__<KEY>`` (double underscores between the
+levels, case-insensitive), for example ``DICOM_GATEWAY__NODE__PORT=11113`` or
+``DICOM_GATEWAY__STORAGE__DATABASE=postgresql+psycopg://gw@db/gw``. The value is read
+as a TOML value when it parses as one (``11113``, ``true``, ``["a", "b"]``) and as a
+plain string otherwise. Secrets never live in the file: S3 credentials come from
+``DICOM_GATEWAY_S3_ACCESS_KEY`` / ``DICOM_GATEWAY_S3_SECRET_KEY``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+ENV_PREFIX = "DICOM_GATEWAY__"
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names the key and the reason."""
+
+
+def _validate_ae_title(value: str) -> str:
+    stripped = value.strip()
+    if not stripped:
+        raise ValueError("an AE title cannot be empty")
+    if len(stripped) > 16:
+        raise ValueError(f"an AE title has at most 16 characters, {stripped!r} has {len(stripped)}")
+    if any(ord(c) < 0x20 or ord(c) > 0x7E or c == "\\" for c in stripped):
+        raise ValueError(f"{stripped!r}: AE titles use printable ASCII without backslash")
+    return stripped
+
+
+AETitle = Annotated[str, AfterValidator(_validate_ae_title)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class NodeConfig(_Model):
+    """``[node]``: the DICOM listener.
+
+    Changing ``ae_title``, ``host`` or ``port`` takes a restart.
+    """
+
+    ae_title: AETitle = "GATEWAY"
+    """The called AE title the node answers to; other called AE titles are rejected."""
+    host: str = "0.0.0.0"  # noqa: S104 - a DICOM node listens on the network by default
+    """Address to listen on."""
+    port: int = Field(default=11112, ge=0, le=65535)
+    """TCP port for DICOM associations (104 needs CAP_NET_BIND_SERVICE; 0 = any free port)."""
+    accept_unknown_calling_ae: bool = False
+    """Accept associations from calling AE titles not listed in ``[[calling_ae]]``."""
+    max_associations: int = Field(default=32, ge=1, le=1000)
+    """Concurrent inbound associations; more are rejected as transient (local limit)."""
+    max_pdu_length: int = Field(default=0, ge=0)
+    """Largest PDU we accept, in bytes; 0 means unlimited (fewest round trips)."""
+    acse_timeout: float = Field(default=30.0, gt=0)
+    """Seconds to wait for association negotiation messages."""
+    dimse_timeout: float = Field(default=60.0, gt=0)
+    """Seconds to wait for a DIMSE message once one has started."""
+    network_timeout: float = Field(default=120.0, gt=0)
+    """Seconds an association may stay idle before it is aborted."""
+    stop_timeout: float = Field(default=30.0, gt=0)
+    """On SIGTERM, seconds to let in-flight associations finish before aborting them."""
+
+
+class S3Config(_Model):
+    """``[storage.s3]``: connection to an S3-compatible object store.
+
+    Credentials come from the environment (``DICOM_GATEWAY_S3_ACCESS_KEY`` and
+    ``DICOM_GATEWAY_S3_SECRET_KEY``), never from this file.
+    """
+
+    endpoint: str = "127.0.0.1:9000"
+    """host:port of the S3 API."""
+    secure: bool = True
+    """Use HTTPS."""
+    region: str | None = None
+    """Region name, when the store needs one."""
+    create_bucket: bool = False
+    """Create the bucket at start-up if it does not exist."""
+
+
+class RetryConfig(_Model):
+    """Exponential backoff with jitter: retry n waits between half and all of
+    ``min(max_seconds, initial_seconds * 2^(n-1))``."""
+
+    initial_seconds: float = Field(default=1.0, gt=0)
+    max_seconds: float = Field(default=300.0, gt=0)
+
+
+class StorageConfig(_Model):
+    """``[storage]``: where instances are made durable, stored and indexed."""
+
+    spool_dir: Path = Path("./var/spool")
+    """Local durable staging area; instances wait here until the object store has them."""
+    object_store: str = "file://./var/objects"
+    """``file://PATH`` or ``s3://BUCKET[/PREFIX]``."""
+    database: str = "sqlite:///./var/index.db"
+    """SQLAlchemy URL: ``sqlite:///PATH`` (embedded) or ``postgresql+psycopg://user@host/db``."""
+    database_timeout: float = Field(default=10.0, gt=0, le=300)
+    """Seconds to wait for the database (connection, locks) before answering 0xA700."""
+    s3: S3Config = S3Config()
+    upload_workers: int = Field(default=2, ge=1, le=64)
+    """Parallel uploads from the spool to the object store."""
+    upload_retry: RetryConfig = RetryConfig()
+    """Backoff while the object store is unavailable."""
+    min_free_bytes: int = Field(default=512 * 1024 * 1024, ge=0)
+    """Refuse new instances (0xA700) when the spool file system has less free space."""
+
+    @field_validator("object_store")
+    @classmethod
+    def _object_store_url(cls, value: str) -> str:
+        if value.startswith("file://"):
+            if not value[len("file://") :]:
+                raise ValueError("file:// needs a directory, e.g. file://./var/objects")
+            return value
+        if value.startswith("s3://"):
+            bucket = value[len("s3://") :].split("/", 1)[0]
+            if not bucket:
+                raise ValueError("s3:// needs a bucket name, e.g. s3://dicom")
+            return value
+        raise ValueError("must start with file:// or s3://")
+
+    @field_validator("database")
+    @classmethod
+    def _database_url(cls, value: str) -> str:
+        if not (value.startswith("sqlite") or value.startswith("postgresql")):
+            raise ValueError("must be a sqlite:/// or postgresql+psycopg:// URL")
+        return value
+
+
+class CallingAEConfig(_Model):
+    """``[[calling_ae]]``: a modality (or other SCU) allowed to send to the node."""
+
+    ae_title: AETitle
+    hosts: tuple[str, ...] | None = None
+    """Addresses or networks (``10.1.2.3``, ``10.1.0.0/16``) it may connect from; absent = any."""
+    description: str = ""
+
+    @field_validator("hosts")
+    @classmethod
+    def _hosts_are_addresses(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if value is None:
+            return None
+        for host in value:
+            try:
+                ipaddress.ip_network(host, strict=False)
+            except ValueError:
+                raise ValueError(f"{host!r} is not an IP address or network") from None
+        return value
+
+
+class LoggingConfig(_Model):
+    """``[logging]``."""
+
+    format: Literal["auto", "json", "console"] = "auto"
+    """``auto``: console on a terminal, JSON otherwise (journald, files, containers)."""
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    log_phi: bool = False
+    """Log patient names, IDs and birth dates. Off by default: logs leave the PHI boundary."""
+
+
+class GatewayConfig(_Model):
+    """The whole configuration file."""
+
+    node: NodeConfig = NodeConfig()
+    storage: StorageConfig = StorageConfig()
+    calling_ae: tuple[CallingAEConfig, ...] = ()
+    logging: LoggingConfig = LoggingConfig()
+
+    @model_validator(mode="after")
+    def _unique_calling_ae(self) -> GatewayConfig:
+        seen: set[str] = set()
+        for entry in self.calling_ae:
+            if entry.ae_title in seen:
+                raise ValueError(f"calling AE title {entry.ae_title!r} is listed twice")
+            seen.add(entry.ae_title)
+        return self
+
+
+def _parse_env_value(raw: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def apply_env_overrides(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, str]:
+    """Apply ``DICOM_GATEWAY__SECTION__KEY`` variables to the raw config in place.
+
+    Returns a map from dotted config key to the variable that set it, so validation
+    errors can name the variable.
+    """
+    sources: dict[str, str] = {}
+    for name, raw in sorted(environ.items()):
+        if not name.upper().startswith(ENV_PREFIX):
+            continue
+        path = [part.lower() for part in name[len(ENV_PREFIX) :].split("__") if part]
+        if not path:
+            continue
+        node = data
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"{name}: {'.'.join(path[:-1])} is not a table")
+            node = child
+        node[path[-1]] = _parse_env_value(raw)
+        sources[".".join(path)] = name
+    return sources
+
+
+def _format_location(loc: tuple[int | str, ...]) -> str:
+    text = ""
+    for part in loc:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            text += f".{part}" if text else part
+    return text or "(top level)"
+
+
+def format_validation_error(error: ValidationError, sources: Mapping[str, str]) -> str:
+    """One line per problem: the dotted key, where the value came from, and why."""
+    lines = []
+    for problem in error.errors():
+        key = _format_location(problem["loc"])
+        origin = sources.get(key)
+        where = f" (from {origin})" if origin else ""
+        message = problem["msg"].removeprefix("Value error, ")
+        if problem["type"] == "extra_forbidden":
+            message = "unknown key"
+        lines.append(f"{key}{where}: {message}")
+    return "\n".join(lines)
+
+
+def parse_config(text: str, environ: Mapping[str, str] | None = None) -> GatewayConfig:
+    """Validate TOML text (plus environment overrides) into a :class:`GatewayConfig`."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"not valid TOML: {exc}") from None
+    sources = apply_env_overrides(data, os.environ if environ is None else environ)
+    try:
+        return GatewayConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, sources)) from None
+
+
+def load_config(path: Path, environ: Mapping[str, str] | None = None) -> GatewayConfig:
+    """Read and validate the configuration file at *path*."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not UTF-8 text") from None
+    try:
+        return parse_config(text, environ)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}:\n{exc}") from None

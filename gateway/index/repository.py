@@ -1,0 +1,385 @@
+"""Reads and writes of the index. Each function runs inside the caller's transaction.
+
+Writes use SQLAlchemy Core (``INSERT ... ON CONFLICT ... RETURNING`` on both SQLite and
+PostgreSQL) because they sit on the C-STORE path; the ORM classes in ``schema`` define
+the tables.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+from sqlalchemy import Connection, Table, and_, func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from gateway.dicom.attributes import InstanceAttributes
+from gateway.index.schema import Association, Instance, Patient, Series, Study
+
+patient_table = cast(Table, Patient.__table__)
+study_table = cast(Table, Study.__table__)
+series_table = cast(Table, Series.__table__)
+instance_table = cast(Table, Instance.__table__)
+association_table = cast(Table, Association.__table__)
+
+SPOOLED = "spooled"
+STORED = "stored"
+
+
+class RecordOutcome(enum.Enum):
+    STORED = "stored"
+    """A new SOP instance."""
+    NEW_VERSION = "new_version"
+    """A known SOP instance with different content: recorded as a new current version."""
+    DUPLICATE = "duplicate"
+    """Identical content to the current version: nothing new recorded."""
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceRecord:
+    """Everything the index records about one received instance."""
+
+    attributes: InstanceAttributes
+    transfer_syntax_uid: str
+    size: int
+    dataset_offset: int
+    sha256: str
+    spool_name: str
+    received_by: str
+    calling_ae: str
+    called_ae: str
+    association_id: str | None
+    received_at: dt.datetime
+
+
+@dataclass(frozen=True, slots=True)
+class RecordResult:
+    outcome: RecordOutcome
+    instance_pk: int
+    version: int
+    study_pk: int | None = None
+
+
+def _insert(connection: Connection, table: Any) -> Any:
+    if connection.dialect.name == "postgresql":
+        return postgresql.insert(table)
+    return sqlite.insert(table)
+
+
+def _upsert_patient(connection: Connection, attrs: InstanceAttributes, now: dt.datetime) -> int:
+    stmt = _insert(connection, patient_table).values(
+        patient_id=attrs.patient_id,
+        issuer_of_patient_id=attrs.issuer_of_patient_id,
+        patient_name=attrs.patient_name,
+        patient_birth_date=attrs.patient_birth_date,
+        patient_sex=attrs.patient_sex,
+        updated_at=now,
+    )
+    c = patient_table.c
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[c.patient_id, c.issuer_of_patient_id],
+        set_={
+            "patient_name": func.coalesce(stmt.excluded.patient_name, c.patient_name),
+            "patient_birth_date": func.coalesce(
+                stmt.excluded.patient_birth_date, c.patient_birth_date
+            ),
+            "patient_sex": func.coalesce(stmt.excluded.patient_sex, c.patient_sex),
+            "updated_at": stmt.excluded.updated_at,
+        },
+    ).returning(c.id)
+    return int(connection.execute(stmt).scalar_one())
+
+
+def _upsert_study(
+    connection: Connection, attrs: InstanceAttributes, patient_pk: int, now: dt.datetime
+) -> int:
+    stmt = _insert(connection, study_table).values(
+        study_instance_uid=attrs.study_instance_uid,
+        patient_pk=patient_pk,
+        accession_number=attrs.accession_number,
+        study_date=attrs.study_date,
+        study_time=attrs.study_time,
+        study_description=attrs.study_description,
+        study_id=attrs.study_id,
+        referring_physician_name=attrs.referring_physician_name,
+        first_received_at=now,
+        last_received_at=now,
+    )
+    c = study_table.c
+    newest = stmt.excluded
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[c.study_instance_uid],
+        set_={
+            "patient_pk": newest.patient_pk,
+            "accession_number": func.coalesce(newest.accession_number, c.accession_number),
+            "study_date": func.coalesce(newest.study_date, c.study_date),
+            "study_time": func.coalesce(newest.study_time, c.study_time),
+            "study_description": func.coalesce(newest.study_description, c.study_description),
+            "study_id": func.coalesce(newest.study_id, c.study_id),
+            "referring_physician_name": func.coalesce(
+                newest.referring_physician_name, c.referring_physician_name
+            ),
+            "last_received_at": newest.last_received_at,
+        },
+    ).returning(c.id)
+    return int(connection.execute(stmt).scalar_one())
+
+
+def _upsert_series(
+    connection: Connection, attrs: InstanceAttributes, study_pk: int, now: dt.datetime
+) -> int:
+    stmt = _insert(connection, series_table).values(
+        series_instance_uid=attrs.series_instance_uid,
+        study_pk=study_pk,
+        modality=attrs.modality,
+        series_number=attrs.series_number,
+        series_description=attrs.series_description,
+        body_part_examined=attrs.body_part_examined,
+        last_received_at=now,
+    )
+    c = series_table.c
+    newest = stmt.excluded
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[c.series_instance_uid],
+        set_={
+            "study_pk": newest.study_pk,
+            "modality": func.coalesce(newest.modality, c.modality),
+            "series_number": func.coalesce(newest.series_number, c.series_number),
+            "series_description": func.coalesce(newest.series_description, c.series_description),
+            "body_part_examined": func.coalesce(newest.body_part_examined, c.body_part_examined),
+            "last_received_at": newest.last_received_at,
+        },
+    ).returning(c.id)
+    return int(connection.execute(stmt).scalar_one())
+
+
+def find_current(connection: Connection, sop_instance_uid: str) -> Any:
+    """The current version of a SOP instance (locked for update on PostgreSQL)."""
+    c = instance_table.c
+    stmt = (
+        select(c.id, c.sha256, c.version, c.transfer_syntax_uid)
+        .where(c.sop_instance_uid == sop_instance_uid, c.is_current.is_(True))
+        .with_for_update()
+    )
+    return connection.execute(stmt).first()
+
+
+def record_instance(connection: Connection, record: InstanceRecord) -> RecordResult:
+    """Index one received instance: new, new version, or duplicate of the current one."""
+    attrs = record.attributes
+    current = find_current(connection, attrs.sop_instance_uid)
+    if (
+        current is not None
+        and current.sha256 == record.sha256
+        and current.transfer_syntax_uid == record.transfer_syntax_uid
+    ):
+        return RecordResult(RecordOutcome.DUPLICATE, current.id, current.version)
+
+    now = record.received_at
+    patient_pk = _upsert_patient(connection, attrs, now)
+    study_pk = _upsert_study(connection, attrs, patient_pk, now)
+    series_pk = _upsert_series(connection, attrs, study_pk, now)
+    version = 1
+    outcome = RecordOutcome.STORED
+    if current is not None:
+        connection.execute(
+            update(instance_table).where(instance_table.c.id == current.id).values(is_current=False)
+        )
+        version = current.version + 1
+        outcome = RecordOutcome.NEW_VERSION
+    instance_pk = connection.execute(
+        instance_table.insert()
+        .values(
+            sop_instance_uid=attrs.sop_instance_uid,
+            series_pk=series_pk,
+            sop_class_uid=attrs.sop_class_uid,
+            instance_number=attrs.instance_number,
+            number_of_frames=attrs.number_of_frames,
+            transfer_syntax_uid=record.transfer_syntax_uid,
+            size=record.size,
+            dataset_offset=record.dataset_offset,
+            sha256=record.sha256,
+            version=version,
+            is_current=True,
+            state=SPOOLED,
+            spool_name=record.spool_name,
+            received_by=record.received_by,
+            calling_ae=record.calling_ae,
+            called_ae=record.called_ae,
+            association_id=record.association_id,
+            received_at=now,
+            upload_attempts=0,
+        )
+        .returning(instance_table.c.id)
+    ).scalar_one()
+    return RecordResult(outcome, int(instance_pk), version, study_pk)
+
+
+# --- association log -------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class AssociationFacts:
+    """What is known about an association when it is requested."""
+
+    association_id: str
+    node: str
+    calling_ae: str
+    called_ae: str
+    peer_address: str
+    peer_port: int
+    requested_at: dt.datetime
+
+
+@dataclass(frozen=True, slots=True)
+class AssociationTotals:
+    instances_received: int = 0
+    instances_failed: int = 0
+    duplicates: int = 0
+    new_versions: int = 0
+    bytes_received: int = 0
+
+
+def insert_association(
+    connection: Connection,
+    facts: AssociationFacts,
+    outcome: str,
+    reject_reason: str | None = None,
+    ended_at: dt.datetime | None = None,
+) -> None:
+    connection.execute(
+        association_table.insert().values(
+            id=facts.association_id,
+            node=facts.node,
+            calling_ae=facts.calling_ae,
+            called_ae=facts.called_ae,
+            peer_address=facts.peer_address,
+            peer_port=facts.peer_port,
+            requested_at=facts.requested_at,
+            ended_at=ended_at,
+            outcome=outcome,
+            reject_reason=reject_reason,
+            instances_received=0,
+            instances_failed=0,
+            duplicates=0,
+            new_versions=0,
+            bytes_received=0,
+        )
+    )
+
+
+def finish_association(
+    connection: Connection,
+    association_id: str,
+    *,
+    outcome: str,
+    totals: AssociationTotals,
+    ended_at: dt.datetime,
+    detail: str | None = None,
+) -> None:
+    connection.execute(
+        update(association_table)
+        .where(association_table.c.id == association_id)
+        .values(
+            outcome=outcome,
+            ended_at=ended_at,
+            instances_received=totals.instances_received,
+            instances_failed=totals.instances_failed,
+            duplicates=totals.duplicates,
+            new_versions=totals.new_versions,
+            bytes_received=totals.bytes_received,
+            detail=detail,
+        )
+    )
+
+
+def mark_interrupted_associations(connection: Connection, node: str, now: dt.datetime) -> int:
+    """Close association rows this node left open when it stopped abruptly."""
+    result = connection.execute(
+        update(association_table)
+        .where(association_table.c.node == node, association_table.c.outcome == "established")
+        .values(outcome="interrupted", ended_at=now)
+    )
+    return int(result.rowcount)
+
+
+# --- upload outbox -----------------------------------------------------------------
+
+
+def due_uploads(
+    connection: Connection, node: str, now: dt.datetime, limit: int, exclude: Iterable[int] = ()
+) -> Sequence[Any]:
+    """Spooled instances of this node whose upload is due, oldest first."""
+    c = instance_table.c
+    stmt = (
+        select(
+            c.id,
+            c.spool_name,
+            c.sha256,
+            c.size,
+            c.dataset_offset,
+            c.sop_instance_uid,
+            c.upload_attempts,
+            series_table.c.series_instance_uid,
+            study_table.c.study_instance_uid,
+        )
+        .join(series_table, series_table.c.id == c.series_pk)
+        .join(study_table, study_table.c.id == series_table.c.study_pk)
+        .where(
+            c.state == SPOOLED,
+            c.received_by == node,
+            (c.next_upload_at.is_(None)) | (c.next_upload_at <= now),
+        )
+        .order_by(c.id)
+        .limit(limit)
+    )
+    excluded = list(exclude)
+    if excluded:
+        stmt = stmt.where(c.id.not_in(excluded))
+    return connection.execute(stmt).all()
+
+
+def mark_stored(
+    connection: Connection, instance_pk: int, object_key: str, now: dt.datetime
+) -> bool:
+    result = connection.execute(
+        update(instance_table)
+        .where(instance_table.c.id == instance_pk, instance_table.c.state == SPOOLED)
+        .values(
+            state=STORED,
+            object_key=object_key,
+            stored_at=now,
+            spool_name=None,
+            next_upload_at=None,
+            last_upload_error=None,
+        )
+    )
+    return bool(result.rowcount)
+
+
+def mark_upload_failed(
+    connection: Connection, instance_pk: int, attempts: int, next_at: dt.datetime, error: str
+) -> None:
+    connection.execute(
+        update(instance_table)
+        .where(instance_table.c.id == instance_pk)
+        .values(upload_attempts=attempts, next_upload_at=next_at, last_upload_error=error[:2000])
+    )
+
+
+def spooled_names(connection: Connection, node: str) -> set[str]:
+    """Spool names this node's index still references."""
+    c = instance_table.c
+    rows = connection.execute(
+        select(c.spool_name).where(and_(c.state == SPOOLED, c.received_by == node))
+    )
+    return {name for (name,) in rows if name}
+
+
+def spool_backlog(connection: Connection, node: str) -> int:
+    c = instance_table.c
+    stmt = select(func.count()).where(c.state == SPOOLED, c.received_by == node)
+    return int(connection.execute(stmt).scalar_one())

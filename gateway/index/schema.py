@@ -1,0 +1,182 @@
+"""The index schema: patients, studies, series, instance versions and associations.
+
+Changes to this file go with an Alembic migration in ``gateway/index/migrations``;
+a test checks that the migrations produce exactly this schema on SQLite and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    DateTime,
+    Dialect,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+    text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class UTCDateTime(TypeDecorator[dt.datetime]):
+    """A timezone-aware UTC timestamp on every backend (SQLite stores naive text)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: dt.datetime | None, dialect: Dialect) -> Any:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        value = value.astimezone(dt.UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> dt.datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=dt.UTC)  # type: ignore[no-any-return]
+        return value.astimezone(dt.UTC)  # type: ignore[no-any-return]
+
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {  # noqa: RUF012 - SQLAlchemy reads this class attribute
+        dt.datetime: UTCDateTime,
+        str: String(),
+    }
+
+
+class Patient(Base):
+    """A patient as identified by Patient ID and its issuer; attributes: newest wins."""
+
+    __tablename__ = "patient"
+    __table_args__ = (UniqueConstraint("patient_id", "issuer_of_patient_id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    patient_id: Mapped[str] = mapped_column(default="")
+    issuer_of_patient_id: Mapped[str] = mapped_column(default="")
+    patient_name: Mapped[str | None]
+    patient_birth_date: Mapped[str | None]
+    patient_sex: Mapped[str | None]
+    updated_at: Mapped[dt.datetime]
+
+
+class Study(Base):
+    __tablename__ = "study"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(unique=True)
+    patient_pk: Mapped[int] = mapped_column(ForeignKey("patient.id"), index=True)
+    accession_number: Mapped[str | None] = mapped_column(index=True)
+    study_date: Mapped[str | None] = mapped_column(index=True)
+    study_time: Mapped[str | None]
+    study_description: Mapped[str | None]
+    study_id: Mapped[str | None]
+    referring_physician_name: Mapped[str | None]
+    first_received_at: Mapped[dt.datetime]
+    last_received_at: Mapped[dt.datetime] = mapped_column(index=True)
+
+
+class Series(Base):
+    __tablename__ = "series"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    series_instance_uid: Mapped[str] = mapped_column(unique=True)
+    study_pk: Mapped[int] = mapped_column(ForeignKey("study.id"), index=True)
+    modality: Mapped[str | None] = mapped_column(index=True)
+    series_number: Mapped[int | None]
+    series_description: Mapped[str | None]
+    body_part_examined: Mapped[str | None]
+    last_received_at: Mapped[dt.datetime]
+
+
+class Instance(Base):
+    """One received version of a SOP instance. Exactly one version per UID is current.
+
+    ``state`` is the upload outbox: ``spooled`` rows wait in this node's spool for the
+    object store, ``stored`` rows are in the object store under ``object_key``.
+    """
+
+    __tablename__ = "instance"
+    __table_args__ = (
+        Index(
+            "uq_instance_current_sop_instance_uid",
+            "sop_instance_uid",
+            unique=True,
+            sqlite_where=text("is_current"),
+            postgresql_where=text("is_current"),
+        ),
+        Index("ix_instance_upload_queue", "state", "received_by", "next_upload_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(index=True)
+    series_pk: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
+    sop_class_uid: Mapped[str]
+    instance_number: Mapped[int | None]
+    number_of_frames: Mapped[int | None]
+    transfer_syntax_uid: Mapped[str]
+    size: Mapped[int] = mapped_column(BigInteger)
+    """Bytes of the stored Part 10 object."""
+    dataset_offset: Mapped[int]
+    """Where the dataset starts in the stored object (after the file meta)."""
+    sha256: Mapped[str] = mapped_column(String(64))
+    """SHA-256 of the dataset bytes exactly as received (the content identity)."""
+    version: Mapped[int] = mapped_column(default=1)
+    is_current: Mapped[bool] = mapped_column(Boolean, default=True)
+    state: Mapped[str] = mapped_column(String(16))
+    spool_name: Mapped[str | None]
+    object_key: Mapped[str | None]
+    received_by: Mapped[str]
+    calling_ae: Mapped[str]
+    called_ae: Mapped[str]
+    association_id: Mapped[str | None] = mapped_column(String(36), index=True)
+    received_at: Mapped[dt.datetime] = mapped_column(index=True)
+    stored_at: Mapped[dt.datetime | None]
+    upload_attempts: Mapped[int] = mapped_column(default=0)
+    next_upload_at: Mapped[dt.datetime | None]
+    last_upload_error: Mapped[str | None] = mapped_column(Text)
+
+
+class Association(Base):
+    """The association log: who connected, what was sent, and how it ended."""
+
+    __tablename__ = "association"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    node: Mapped[str]
+    calling_ae: Mapped[str] = mapped_column(index=True)
+    called_ae: Mapped[str]
+    peer_address: Mapped[str]
+    peer_port: Mapped[int]
+    requested_at: Mapped[dt.datetime] = mapped_column(index=True)
+    ended_at: Mapped[dt.datetime | None]
+    outcome: Mapped[str] = mapped_column(String(16), index=True)
+    """``established`` while open; then ``released``, ``aborted``, ``rejected`` or
+    ``interrupted`` (the node stopped before the association ended)."""
+    reject_reason: Mapped[str | None] = mapped_column(Text)
+    instances_received: Mapped[int] = mapped_column(default=0)
+    instances_failed: Mapped[int] = mapped_column(default=0)
+    duplicates: Mapped[int] = mapped_column(default=0)
+    new_versions: Mapped[int] = mapped_column(default=0)
+    bytes_received: Mapped[int] = mapped_column(BigInteger, default=0)
+    detail: Mapped[str | None] = mapped_column(Text)

@@ -1,0 +1,211 @@
+"""Where an instance is acknowledged: durable in the spool and committed in the index.
+
+:meth:`Ingestor.store` takes a fully received Part 10 file, reads only its header,
+fsyncs it into the spool and commits its index row, then returns the status for the
+C-STORE response. Success is returned only after both are on stable storage. Any
+failure leaves no partial record: the spool file is removed and the transaction is
+rolled back.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import mmap
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from sqlalchemy import Engine
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+
+from gateway.dicom.attributes import (
+    INDEXED_TAGS,
+    InstanceAttributes,
+    InvalidInstanceError,
+    extract_attributes,
+)
+from gateway.dicom.header import HeaderError, read_file_meta, read_header
+from gateway.dicom.transfer_syntax import dataset_encoding
+from gateway.index import repository
+from gateway.index.repository import InstanceRecord, RecordOutcome
+from gateway.logs import get_logger
+from gateway.spool import Spool, SpoolError
+from gateway.status import Status
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ReceivedInstance:
+    """A C-STORE request whose dataset has been fully written to *path* (Part 10)."""
+
+    path: Path
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax_uid: str
+
+
+@dataclass(frozen=True, slots=True)
+class Sender:
+    """The association an instance arrived on."""
+
+    calling_ae: str
+    called_ae: str
+    association_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class StoreResult:
+    """The status to answer with, and what happened, for the association log."""
+
+    status: Status
+    outcome: RecordOutcome | None = None
+    error_comment: str | None = None
+    size: int = 0
+    version: int = 0
+    attributes: InstanceAttributes | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == Status.SUCCESS
+
+
+class _RefusedError(Exception):
+    def __init__(self, status: Status, comment: str) -> None:
+        super().__init__(comment)
+        self.status = status
+        self.comment = comment
+
+
+def _utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class Ingestor:
+    """Makes received instances durable and indexed; safe to call from many threads."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        spool: Spool,
+        node_name: str,
+        *,
+        extra_tags: Iterable[int] = (),
+        on_stored: Callable[[], None] | None = None,
+        clock: Callable[[], dt.datetime] = _utcnow,
+    ) -> None:
+        self.engine = engine
+        self.spool = spool
+        self.node_name = node_name
+        self.header_tags = INDEXED_TAGS | frozenset(extra_tags)
+        self.on_stored = on_stored or (lambda: None)
+        self.clock = clock
+
+    def store(self, received: ReceivedInstance, sender: Sender) -> StoreResult:
+        """Make *received* durable and indexed; return the C-STORE status to send."""
+        try:
+            record = self._read(received, sender)
+        except _RefusedError as refusal:
+            self.spool.discard_received(received.path)
+            return StoreResult(refusal.status, error_comment=refusal.comment)
+        except OSError as exc:
+            self.spool.discard_received(received.path)
+            log.error("spool_read_failed", error=str(exc))
+            return StoreResult(Status.OUT_OF_RESOURCES, error_comment="spool read failed")
+
+        if not self.spool.has_room():
+            self.spool.discard_received(received.path)
+            log.error("spool_full", spool_dir=str(self.spool.root))
+            return StoreResult(Status.OUT_OF_RESOURCES, error_comment="spool disk is full")
+        try:
+            spool_name = self.spool.persist(received.path)
+        except SpoolError as exc:
+            log.error("spool_write_failed", error=str(exc))
+            return StoreResult(Status.OUT_OF_RESOURCES, error_comment="spool write failed")
+
+        record = replace(record, spool_name=spool_name)
+        try:
+            result = self._commit(record)
+        except SQLAlchemyError as exc:
+            self.spool.discard(spool_name)
+            log.error("index_write_failed", error=_short_error(exc))
+            return StoreResult(Status.OUT_OF_RESOURCES, error_comment="index database unavailable")
+
+        if result.outcome is RecordOutcome.DUPLICATE:
+            self.spool.discard(spool_name)
+        else:
+            self.on_stored()
+        return StoreResult(
+            Status.SUCCESS,
+            outcome=result.outcome,
+            size=record.size,
+            version=result.version,
+            attributes=record.attributes,
+        )
+
+    def _commit(self, record: InstanceRecord) -> repository.RecordResult:
+        # A concurrent association may insert the same new SOP instance between our
+        # check and our insert (PostgreSQL); the unique index stops it and the retry
+        # sees the other row as current.
+        for attempt in range(3):
+            try:
+                with self.engine.begin() as connection:
+                    return repository.record_instance(connection, record)
+            except IntegrityError:
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _read(self, received: ReceivedInstance, sender: Sender) -> InstanceRecord:
+        """Read the header and checksum of the received file (never the pixel data)."""
+        with received.path.open("rb") as stream:
+            size = stream.seek(0, 2)
+            if size == 0:
+                raise _RefusedError(Status.CANNOT_UNDERSTAND, "empty dataset")
+            with mmap.mmap(stream.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+                try:
+                    _, offset = read_file_meta(mapped)
+                    header = read_header(
+                        mapped, offset, dataset_encoding(received.transfer_syntax_uid),
+                        self.header_tags,
+                    )
+                    attributes = extract_attributes(header)
+                except (HeaderError, InvalidInstanceError) as exc:
+                    comment = f"cannot read dataset: {exc}"
+                    raise _RefusedError(Status.CANNOT_UNDERSTAND, comment) from exc
+                if offset >= size:
+                    raise _RefusedError(Status.CANNOT_UNDERSTAND, "empty dataset")
+                _check_matches_request(attributes, received)
+                digest = hashlib.sha256(memoryview(mapped)[offset:]).hexdigest()
+        return InstanceRecord(
+            attributes=attributes,
+            transfer_syntax_uid=received.transfer_syntax_uid,
+            size=size,
+            dataset_offset=offset,
+            sha256=digest,
+            spool_name="",
+            received_by=self.node_name,
+            calling_ae=sender.calling_ae,
+            called_ae=sender.called_ae,
+            association_id=sender.association_id,
+            received_at=self.clock(),
+        )
+
+
+def _check_matches_request(attributes: InstanceAttributes, received: ReceivedInstance) -> None:
+    if attributes.sop_instance_uid != received.sop_instance_uid:
+        raise _RefusedError(
+            Status.CANNOT_UNDERSTAND,
+            "SOP Instance UID in the dataset differs from the C-STORE request",
+        )
+    if attributes.sop_class_uid != received.sop_class_uid:
+        raise _RefusedError(
+            Status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
+            "SOP Class UID in the dataset differs from the C-STORE request",
+        )
+
+
+def _short_error(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return text[:300]

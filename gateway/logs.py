@@ -1,0 +1,98 @@
+"""Logging: structlog, configured once, JSON in production and console on a terminal.
+
+Library logs (pynetdicom, SQLAlchemy, minio) go through the same pipeline, so they get
+the same format, context variables and PHI redaction.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import MutableMapping
+from typing import Any, TextIO
+
+import structlog
+
+from gateway.config import LoggingConfig
+
+# Event keys that carry patient-identifying data. They are replaced unless
+# ``[logging] log_phi = true``.
+PHI_KEYS = frozenset(
+    {
+        "patient_name",
+        "patient_id",
+        "patient_birth_date",
+        "other_patient_ids",
+        "PatientName",
+        "PatientID",
+        "PatientBirthDate",
+        "OtherPatientIDs",
+    }
+)
+REDACTED = "<redacted>"
+
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
+_LEVELS["error"] = logging.ERROR
+
+
+class RedactPHI:
+    """structlog processor replacing patient-identifying values."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+
+    def __call__(
+        self, logger: Any, method: str, event_dict: MutableMapping[str, Any]
+    ) -> MutableMapping[str, Any]:
+        if self.enabled:
+            for key in PHI_KEYS.intersection(event_dict):
+                if event_dict[key] not in (None, ""):
+                    event_dict[key] = REDACTED
+        return event_dict
+
+
+def configure_logging(config: LoggingConfig, stream: TextIO | None = None) -> None:
+    """Configure structlog and the stdlib root logger. Call once at start-up."""
+    stream = stream or sys.stdout
+    level = _LEVELS[config.level]
+    as_json = config.format == "json" or (config.format == "auto" and not stream.isatty())
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        RedactPHI(enabled=not config.log_phi),
+    ]
+    renderer: Any
+    if as_json:
+        renderer = structlog.processors.JSONRenderer()
+        final = [structlog.processors.dict_tracebacks, renderer]
+    else:
+        renderer = structlog.dev.ConsoleRenderer(colors=stream.isatty())
+        final = [renderer]
+
+    structlog.configure(
+        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        cache_logger_on_first_use=True,
+    )
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=shared,
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *final],
+    )
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers = [handler]
+    root.setLevel(level)
+    # pynetdicom is chatty at INFO (one line per PDU event); its errors still come through.
+    logging.getLogger("pynetdicom").setLevel(max(level, logging.WARNING))
+    logging.getLogger("sqlalchemy").setLevel(logging.WARNING)
+    logging.getLogger("urllib3").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(max(level, logging.WARNING))
+
+
+def get_logger(name: str) -> Any:
+    """A structlog logger named after its module."""
+    return structlog.get_logger(name)

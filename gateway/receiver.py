@@ -1,0 +1,418 @@
+"""The DICOM listener: pynetdicom wiring for association control and C-STORE/C-ECHO.
+
+This module is the thin network edge. Acceptance decisions live in ``acceptance``,
+durability in ``ingest``; here we translate pynetdicom events into those calls and
+write the association log.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+from pydicom.dataset import Dataset
+from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
+from pynetdicom import dimse_messages as _dimse_messages
+from pynetdicom.presentation import PresentationContext
+from pynetdicom.sop_class import Verification
+from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
+
+from gateway import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from gateway.acceptance import AcceptancePolicy, AssociationRequest, Rejection, decide
+from gateway.config import NodeConfig
+from gateway.dicom.transfer_syntax import ACCEPTED_TRANSFER_SYNTAXES
+from gateway.index import repository
+from gateway.index.repository import AssociationFacts, AssociationTotals, RecordOutcome
+from gateway.ingest import Ingestor, ReceivedInstance, Sender, StoreResult
+from gateway.logs import get_logger
+from gateway.status import Status
+
+log = get_logger(__name__)
+
+STORAGE_SOP_CLASSES = frozenset(str(cx.abstract_syntax) for cx in AllStoragePresentationContexts)
+ACCEPTED_ABSTRACT_SYNTAXES = STORAGE_SOP_CLASSES | {str(Verification)}
+_ACCEPTED_TS = frozenset(ACCEPTED_TRANSFER_SYNTAXES)
+_ERROR_COMMENT_MAX = 64  # (0000,0902) is LO
+
+_receive_dir: Path | None = None
+
+
+def _receive_tempfile(*args: Any, **kwargs: Any) -> Any:
+    # pynetdicom writes each incoming dataset to a NamedTemporaryFile; put it in the
+    # spool's incoming/ directory so that making it durable is a same-disk rename.
+    kwargs.setdefault("dir", _receive_dir)
+    return tempfile.NamedTemporaryFile(*args, **kwargs)
+
+
+def configure_pynetdicom(receive_dir: Path) -> None:
+    """Process-wide pynetdicom settings the receive path relies on."""
+    global _receive_dir  # noqa: PLW0603 - pynetdicom's own settings are process-wide too
+    _receive_dir = receive_dir
+    # Stream each dataset to a file as it arrives: memory does not grow with its size.
+    _config.STORE_RECV_CHUNKED_DATASET = True
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    # pynetdicom's standard handlers log every PDU and may log identifiers (PHI).
+    _config.LOG_HANDLER_LEVEL = "none"
+    _dimse_messages.NamedTemporaryFile = _receive_tempfile
+
+
+def negotiable_contexts(requested: list[PresentationContext]) -> list[PresentationContext]:
+    """Contexts to accept for a request: known storage SOP classes and Verification, with
+    the requestor's transfer syntaxes in the requestor's order of preference (so we never
+    make a sender convert, and store exactly what it has)."""
+    contexts: dict[str, PresentationContext] = {}
+    for proposed in requested:
+        abstract = str(proposed.abstract_syntax)
+        if abstract not in ACCEPTED_ABSTRACT_SYNTAXES:
+            continue
+        context = contexts.get(abstract)
+        if context is None:
+            context = PresentationContext()
+            context.abstract_syntax = abstract
+            contexts[abstract] = context
+        for syntax in proposed.transfer_syntax:
+            if str(syntax) in _ACCEPTED_TS and syntax not in context.transfer_syntax:
+                context.add_transfer_syntax(syntax)
+    return [cx for cx in contexts.values() if cx.transfer_syntax]
+
+
+def _utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+@dataclass
+class _Session:
+    """Book-keeping for one accepted association."""
+
+    facts: AssociationFacts
+    started: float = field(default_factory=time.monotonic)
+    received: int = 0
+    failed: int = 0
+    duplicates: int = 0
+    new_versions: int = 0
+    bytes: int = 0
+    recorded: bool = False
+    finished: bool = False
+
+    def count(self, result: StoreResult) -> None:
+        if not result.ok:
+            self.failed += 1
+            return
+        self.received += 1
+        self.bytes += result.size
+        if result.outcome is RecordOutcome.DUPLICATE:
+            self.duplicates += 1
+        elif result.outcome is RecordOutcome.NEW_VERSION:
+            self.new_versions += 1
+
+    def totals(self) -> AssociationTotals:
+        return AssociationTotals(
+            instances_received=self.received,
+            instances_failed=self.failed,
+            duplicates=self.duplicates,
+            new_versions=self.new_versions,
+            bytes_received=self.bytes,
+        )
+
+
+class Receiver:
+    """The node's Storage SCP: accepts associations and hands instances to the ingestor."""
+
+    def __init__(
+        self,
+        config: NodeConfig,
+        policy: AcceptancePolicy,
+        ingestor: Ingestor,
+        engine: Engine,
+        node_name: str,
+    ) -> None:
+        self.config = config
+        self.policy = policy
+        self.ingestor = ingestor
+        self.engine = engine
+        self.node_name = node_name
+        self._sessions: dict[Any, _Session] = {}
+        self._lock = threading.Lock()
+        self._server: Any = None
+        self._ae: Any = None
+
+    # --- lifecycle -----------------------------------------------------------------
+
+    def start(self) -> None:
+        """Bind the port and start accepting associations (returns immediately)."""
+        configure_pynetdicom(self.ingestor.spool.incoming)
+        ae = AE(ae_title=self.config.ae_title)
+        ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
+        ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
+        ae.maximum_pdu_size = self.config.max_pdu_length
+        ae.acse_timeout = self.config.acse_timeout
+        ae.dimse_timeout = self.config.dimse_timeout
+        ae.network_timeout = self.config.network_timeout
+        ae.maximum_associations = self.config.max_associations
+        ae.require_called_aet = False  # decided in _on_requested, with a log line
+        ae.add_supported_context(Verification)
+        handlers = [
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_REJECTED, self._on_rejected_by_provider),
+            (evt.EVT_C_STORE, self._on_c_store),
+            (evt.EVT_C_ECHO, self._on_c_echo),
+            (evt.EVT_RELEASED, self._on_released),
+            (evt.EVT_ABORTED, self._on_aborted),
+            (evt.EVT_CONN_CLOSE, self._on_connection_closed),
+        ]
+        self._ae = ae
+        self._server = ae.start_server(
+            (self.config.host, self.config.port), block=False, evt_handlers=handlers
+        )
+        log.info(
+            "listening",
+            ae_title=self.config.ae_title,
+            host=self.config.host,
+            port=self.port,
+        )
+
+    @property
+    def port(self) -> int:
+        """The bound TCP port (useful when configured as 0)."""
+        return int(self._server.server_address[1]) if self._server else self.config.port
+
+    def active_associations(self) -> int:
+        return len(self._server.active_associations) if self._server else 0
+
+    def stop(self, timeout: float) -> None:
+        """Stop accepting, let in-flight associations finish for *timeout* s, abort the rest."""
+        if self._server is None:
+            return
+        server, self._server = self._server, None
+        server.shutdown()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and any(
+            assoc.is_established for assoc in server.active_associations
+        ):
+            time.sleep(0.05)
+        remaining = server.active_associations
+        for assoc in remaining:
+            log.warning("association_aborted_at_stop", assoc_id=self._assoc_id(assoc))
+            assoc.abort()
+        # Aborted associations end promptly; one still waiting for its A-ASSOCIATE-RQ
+        # only ends at its ACSE timeout, and must not hold up the stop.
+        give_up = time.monotonic() + 2.0
+        for assoc in remaining:
+            assoc.join(timeout=max(0.0, give_up - time.monotonic()))
+        log.info("listener_stopped", aborted=len(remaining))
+
+    # --- association control ---------------------------------------------------------
+
+    def _assoc_id(self, assoc: Any) -> str | None:
+        session = self._sessions.get(assoc)
+        return session.facts.association_id if session else None
+
+    def _on_requested(self, event: Any) -> None:
+        assoc = event.assoc
+        primitive = assoc.requestor.primitive
+        facts = AssociationFacts(
+            association_id=str(uuid.uuid4()),
+            node=self.node_name,
+            calling_ae=str(primitive.calling_ae_title).strip(),
+            called_ae=str(primitive.called_ae_title).strip(),
+            peer_address=str(assoc.requestor.address),
+            peer_port=int(assoc.requestor.port),
+            requested_at=_utcnow(),
+        )
+        structlog.contextvars.bind_contextvars(
+            assoc_id=facts.association_id, calling_ae=facts.calling_ae
+        )
+        log.info(
+            "association_requested",
+            called_ae=facts.called_ae,
+            peer_address=facts.peer_address,
+            peer_port=facts.peer_port,
+            contexts_proposed=len(assoc.requestor.requested_contexts),
+        )
+        session = _Session(facts)
+        with self._lock:
+            self._sessions[assoc] = session
+        rejection = decide(
+            AssociationRequest(facts.calling_ae, facts.called_ae, facts.peer_address), self.policy
+        )
+        if rejection is not None:
+            assoc.acse.send_reject(rejection.result, rejection.source, rejection.diagnostic)
+            self._record_rejection(session, rejection)
+            return
+        assoc.acceptor.supported_contexts = negotiable_contexts(assoc.requestor.requested_contexts)
+
+    def _on_rejected_by_provider(self, event: Any) -> None:
+        # pynetdicom itself rejects when max_associations is exceeded.
+        session = self._sessions.get(event.assoc)
+        primitive = event.assoc.acceptor.primitive
+        if session is None or primitive is None:
+            return
+        rejection = Rejection(
+            int(primitive.result),
+            int(primitive.result_source),
+            int(primitive.diagnostic),
+            f"more than {self.config.max_associations} concurrent associations",
+        )
+        self._record_rejection(session, rejection)
+
+    def _record_rejection(self, session: _Session, rejection: Rejection) -> None:
+        session.finished = True
+        log.warning(
+            "association_rejected",
+            reason=rejection.reason,
+            result=rejection.result,
+            source=rejection.source,
+            diagnostic=rejection.diagnostic,
+            peer_address=session.facts.peer_address,
+            called_ae=session.facts.called_ae,
+        )
+        self._write_log(
+            lambda c: repository.insert_association(
+                c, session.facts, "rejected", rejection.reason, ended_at=_utcnow()
+            )
+        )
+
+    def _on_accepted(self, event: Any) -> None:
+        session = self._sessions.get(event.assoc)
+        if session is None:
+            return
+        accepted = event.assoc.accepted_contexts
+        log.info(
+            "association_accepted",
+            contexts_accepted=len(accepted),
+            contexts_rejected=len(event.assoc.rejected_contexts),
+        )
+        session.recorded = self._write_log(
+            lambda c: repository.insert_association(c, session.facts, "established")
+        )
+
+    def _on_released(self, event: Any) -> None:
+        self._finish(event.assoc, "released")
+
+    def _on_aborted(self, event: Any) -> None:
+        self._finish(event.assoc, "aborted")
+
+    def _on_connection_closed(self, event: Any) -> None:
+        # A peer that drops the TCP connection without A-RELEASE or A-ABORT.
+        self._finish(event.assoc, "aborted", detail="connection closed by peer")
+
+    def _finish(self, assoc: Any, outcome: str, detail: str | None = None) -> None:
+        if outcome != "released":
+            _discard_partial_dataset(assoc)
+        with self._lock:
+            session = self._sessions.pop(assoc, None)
+        if session is None or session.finished:
+            return
+        session.finished = True
+        duration = time.monotonic() - session.started
+        log.info(
+            f"association_{outcome}",
+            assoc_id=session.facts.association_id,
+            calling_ae=session.facts.calling_ae,
+            peer_address=session.facts.peer_address,
+            instances=session.received,
+            failed=session.failed,
+            duplicates=session.duplicates,
+            new_versions=session.new_versions,
+            bytes=session.bytes,
+            duration_s=round(duration, 3),
+            detail=detail,
+        )
+        if session.recorded:
+            self._write_log(
+                lambda c: repository.finish_association(
+                    c,
+                    session.facts.association_id,
+                    outcome=outcome,
+                    totals=session.totals(),
+                    ended_at=_utcnow(),
+                    detail=detail,
+                )
+            )
+
+    def _write_log(self, write: Any) -> bool:
+        try:
+            with self.engine.begin() as connection:
+                write(connection)
+        except SQLAlchemyError as exc:
+            log.error("association_log_write_failed", error=str(exc).splitlines()[0][:300])
+            return False
+        return True
+
+    # --- DIMSE services --------------------------------------------------------------
+
+    def _on_c_echo(self, event: Any) -> int:
+        log.debug("c_echo")
+        return int(Status.SUCCESS)
+
+    def _on_c_store(self, event: Any) -> Dataset | int:
+        session = self._sessions.get(event.assoc)
+        request = event.request
+        sop_instance_uid = str(request.AffectedSOPInstanceUID)
+        path = getattr(request, "_dataset_path", None)
+        if path is None:
+            return _status_dataset(Status.CANNOT_UNDERSTAND, "C-STORE without a data set")
+        received = ReceivedInstance(
+            path=Path(path),
+            sop_class_uid=str(request.AffectedSOPClassUID),
+            sop_instance_uid=sop_instance_uid,
+            transfer_syntax_uid=str(event.context.transfer_syntax),
+        )
+        facts = session.facts if session else None
+        sender = Sender(
+            calling_ae=facts.calling_ae if facts else "",
+            called_ae=facts.called_ae if facts else self.config.ae_title,
+            association_id=facts.association_id if facts else None,
+        )
+        try:
+            result = self.ingestor.store(received, sender)
+        except Exception:
+            log.exception("c_store_internal_error", sop_instance_uid=sop_instance_uid)
+            self.ingestor.spool.discard_received(received.path)
+            result = StoreResult(Status.OUT_OF_RESOURCES, error_comment="internal error")
+        if session is not None:
+            session.count(result)
+        _log_store(result, sop_instance_uid)
+        if result.error_comment and not result.ok:
+            return _status_dataset(result.status, result.error_comment)
+        return int(result.status)
+
+
+def _discard_partial_dataset(assoc: Any) -> None:
+    """Remove the file of a dataset whose transfer was cut off by an abort."""
+    message = getattr(getattr(assoc, "dimse", None), "message", None)
+    path = getattr(message, "_data_set_path", None)
+    if path is not None:
+        Path(path).unlink(missing_ok=True)
+
+
+def _log_store(result: StoreResult, sop_instance_uid: str) -> None:
+    if not result.ok:
+        log.warning(
+            "instance_refused",
+            sop_instance_uid=sop_instance_uid,
+            status=f"0x{int(result.status):04X}",
+            reason=result.error_comment,
+        )
+    elif result.outcome is RecordOutcome.NEW_VERSION:
+        log.info("instance_new_version", sop_instance_uid=sop_instance_uid, version=result.version)
+    elif result.outcome is RecordOutcome.DUPLICATE:
+        log.info("instance_duplicate", sop_instance_uid=sop_instance_uid)
+    else:
+        log.debug("instance_stored", sop_instance_uid=sop_instance_uid, bytes=result.size)
+
+
+def _status_dataset(status: Status, comment: str) -> Dataset:
+    dataset = Dataset()
+    dataset.Status = int(status)
+    dataset.ErrorComment = comment[:_ERROR_COMMENT_MAX]
+    return dataset

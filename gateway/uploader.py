@@ -1,0 +1,200 @@
+"""Moves spooled instances to the object store, verifies them, then frees the spool.
+
+The index is the outbox: every ``spooled`` row of this node is an upload to do. The
+spool file is deleted only after the object store holds a verified copy *and* the row
+records its key, so a crash at any point leaves either the spool file or the object.
+While the store is unavailable, instances wait in the spool; receiving is unaffected.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
+
+from gateway.backoff import retry_delay
+from gateway.config import RetryConfig
+from gateway.index import repository
+from gateway.logs import get_logger
+from gateway.objectstore import ExpectedContent, ObjectStore, ObjectStoreError, object_key
+from gateway.spool import Spool
+
+log = get_logger(__name__)
+
+_IDLE_POLL_SECONDS = 1.0
+_INCOMING_SWEEP_SECONDS = 300.0
+_INCOMING_STALE_SECONDS = 3600.0
+
+
+def _utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class Uploader:
+    """Background upload of this node's spooled instances, with backoff during outages."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        spool: Spool,
+        store: ObjectStore,
+        node_name: str,
+        *,
+        workers: int,
+        retry: RetryConfig,
+        clock: Callable[[], dt.datetime] = _utcnow,
+    ) -> None:
+        self.engine = engine
+        self.spool = spool
+        self.store = store
+        self.node_name = node_name
+        self.workers = workers
+        self.retry = retry
+        self.clock = clock
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._in_flight: set[int] = set()
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="upload")
+        self._thread = threading.Thread(target=self._run, name="uploader", daemon=True)
+        self._outage_failures = 0
+        self._paused_until = 0.0
+        self.uploaded = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def wake(self) -> None:
+        """Tell the uploader there is new work (called after each stored instance)."""
+        self._wake.set()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Finish uploads in progress (bounded by the store's timeouts) and stop."""
+        self._stopping.set()
+        self._wake.set()
+        self._thread.join(timeout)
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def idle(self) -> bool:
+        with self._lock:
+            return not self._in_flight
+
+    # --- loop --------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        last_sweep = time.monotonic()
+        while not self._stopping.is_set():
+            pause = self._paused_until - time.monotonic()
+            if pause > 0:
+                self._stopping.wait(pause)
+                continue
+            if time.monotonic() - last_sweep > _INCOMING_SWEEP_SECONDS:
+                self._sweep_incoming()
+                last_sweep = time.monotonic()
+            claimed = self._claim()
+            self._wake.wait(_IDLE_POLL_SECONDS if not claimed else 0.2)
+            self._wake.clear()
+
+    def _claim(self) -> int:
+        with self._lock:
+            free = self.workers * 2 - len(self._in_flight)
+            exclude = list(self._in_flight)
+        if free <= 0:
+            return 0
+        try:
+            with self.engine.connect() as connection:
+                rows = repository.due_uploads(
+                    connection, self.node_name, self.clock(), free, exclude
+                )
+        except SQLAlchemyError as exc:
+            log.error("upload_queue_read_failed", error=str(exc).splitlines()[0][:300])
+            self._stopping.wait(1.0)
+            return 0
+        for row in rows:
+            with self._lock:
+                self._in_flight.add(row.id)
+            self._pool.submit(self._upload, row)
+        return len(rows)
+
+    def _sweep_incoming(self) -> None:
+        removed = self.spool.clear_incoming(older_than=_INCOMING_STALE_SECONDS)
+        if removed:
+            log.info("spool_incoming_swept", removed=removed)
+
+    # --- one upload ----------------------------------------------------------------------
+
+    def _upload(self, row: Any) -> None:
+        try:
+            self._upload_row(row)
+        except Exception:
+            log.exception("upload_internal_error", instance_pk=row.id)
+            self._record_failure(row, "internal error (see log)")
+        finally:
+            with self._lock:
+                self._in_flight.discard(row.id)
+            self._wake.set()
+
+    def _upload_row(self, row: Any) -> None:
+        key = object_key(row.study_instance_uid, row.series_instance_uid, row.sop_instance_uid,
+                         row.sha256)
+        path = self.spool.path(row.spool_name)
+        if not path.exists():
+            log.critical(
+                "spool_file_missing", instance_pk=row.id, sop_instance_uid=row.sop_instance_uid
+            )
+            self._record_failure(row, f"spool file {row.spool_name} is missing")
+            return
+        expected = ExpectedContent(row.size, row.dataset_offset, row.sha256)
+        try:
+            self.store.put_file(key, path, expected)
+        except ObjectStoreError as exc:
+            self._on_store_failure(row, exc)
+            return
+        try:
+            with self.engine.begin() as connection:
+                stored = repository.mark_stored(connection, row.id, key, self.clock())
+        except SQLAlchemyError as exc:
+            # The object is stored; the row stays spooled and the (idempotent) upload is
+            # repeated later. The spool file is kept until the row says otherwise.
+            log.error("upload_record_failed", error=str(exc).splitlines()[0][:300])
+            return
+        if stored:
+            self.spool.discard(row.spool_name)
+            self.uploaded += 1
+        if self._outage_failures:
+            log.info("object_store_recovered", store=self.store.description)
+            self._outage_failures = 0
+        log.debug("instance_uploaded", sop_instance_uid=row.sop_instance_uid, object_key=key)
+
+    def _on_store_failure(self, row: Any, exc: ObjectStoreError) -> None:
+        self._outage_failures += 1
+        delay = retry_delay(
+            self._outage_failures, self.retry.initial_seconds, self.retry.max_seconds
+        )
+        self._paused_until = time.monotonic() + delay
+        level = log.warning if self._outage_failures <= 3 else log.debug
+        level(
+            "upload_failed",
+            store=self.store.description,
+            error=str(exc)[:300],
+            consecutive_failures=self._outage_failures,
+            retry_in_s=round(delay, 2),
+        )
+        self._record_failure(row, str(exc), delay)
+
+    def _record_failure(self, row: Any, error: str, delay: float | None = None) -> None:
+        attempts = int(row.upload_attempts) + 1
+        if delay is None:
+            delay = retry_delay(attempts, self.retry.initial_seconds, self.retry.max_seconds)
+        next_at = self.clock() + dt.timedelta(seconds=delay)
+        try:
+            with self.engine.begin() as connection:
+                repository.mark_upload_failed(connection, row.id, attempts, next_at, error)
+        except SQLAlchemyError as exc:
+            log.error("upload_record_failed", error=str(exc).splitlines()[0][:300])

@@ -1,0 +1,133 @@
+"""Synthetic test data built from pydicom's bundled sample files (never patient data)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from gateway.dicom.header import read_file_meta
+
+# Our own test root so generated UIDs are recognisably synthetic.
+UID_PREFIX = "1.2.826.0.1.3680043.8.498."
+
+
+def sample(name: str) -> Path:
+    """Path of one of pydicom's bundled test files."""
+    path = get_testdata_file(name)
+    if path is None:
+        raise FileNotFoundError(name)
+    return Path(str(path))
+
+
+def dataset_bytes(path: Path) -> bytes:
+    """The encoded dataset of a Part 10 file (everything after the file meta)."""
+    data = path.read_bytes()
+    _, offset = read_file_meta(data)
+    return data[offset:]
+
+
+def new_uid() -> str:
+    return str(generate_uid(prefix=UID_PREFIX))
+
+
+def make_study(
+    directory: Path,
+    count: int,
+    *,
+    template: str = "CT_small.dcm",
+    series: int = 1,
+    study_uid: str | None = None,
+    patient_id: str = "PAT-0001",
+    accession_number: str = "ACC0001",
+    modality: str | None = None,
+) -> list[Path]:
+    """Write *count* instances of one study (spread over *series* series) to *directory*."""
+    directory.mkdir(parents=True, exist_ok=True)
+    base = dcmread(sample(template))
+    study_uid = study_uid or new_uid()
+    series_uids = [new_uid() for _ in range(series)]
+    paths = []
+    for index in range(count):
+        base.StudyInstanceUID = study_uid
+        base.SeriesInstanceUID = series_uids[index % series]
+        base.SeriesNumber = index % series + 1
+        base.SOPInstanceUID = new_uid()
+        base.file_meta.MediaStorageSOPInstanceUID = base.SOPInstanceUID
+        base.InstanceNumber = index + 1
+        base.PatientID = patient_id
+        base.PatientName = "Synthetic^Test"
+        base.AccessionNumber = accession_number
+        if modality:
+            base.Modality = modality
+        path = directory / f"{index:05d}.dcm"
+        base.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def write_large_instance(path: Path, size_bytes: int) -> str:
+    """Write a multi-frame secondary capture of about *size_bytes*, streaming the pixels.
+
+    Returns its SOP Instance UID. Only the header is built in memory.
+    """
+    frame = 1024 * 1024  # 1024x1024 8-bit
+    frames = max(1, size_bytes // frame)
+    ds = Dataset()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7.2"  # Multi-frame Grayscale Byte SC
+    ds.SOPInstanceUID = new_uid()
+    ds.StudyInstanceUID = new_uid()
+    ds.SeriesInstanceUID = new_uid()
+    ds.PatientID = "PAT-BIG"
+    ds.PatientName = "Synthetic^Large"
+    ds.Modality = "OT"
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows = 1024
+    ds.Columns = 1024
+    ds.NumberOfFrames = frames
+    ds.BitsAllocated = 8
+    ds.BitsStored = 8
+    ds.HighBit = 7
+    ds.PixelRepresentation = 0
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta = meta
+    ds.save_as(path, enforce_file_format=True)
+    pixel_length = frames * frame
+    chunk = os.urandom(frame)
+    with path.open("ab") as stream:
+        # (7FE0,0010) OB, explicit VR little endian, 4-byte length
+        stream.write(b"\xe0\x7f\x10\x00OB\x00\x00" + pixel_length.to_bytes(4, "little"))
+        for _ in range(frames):
+            stream.write(chunk)
+    return str(ds.SOPInstanceUID)
+
+
+def iter_samples(names: list[str]) -> Iterator[Path]:
+    for name in names:
+        yield sample(name)
+
+
+def unique_copy(name: str, directory: Path) -> tuple[Path, str]:
+    """A copy of sample *name* with fresh UIDs, its encoding (and pixel data) unchanged.
+
+    Several samples share SOP Instance UIDs or lack study/series UIDs; tests that send
+    many of them need each to be its own instance. Returns (path, SOP Instance UID).
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    ds = dcmread(sample(name))
+    ds.SOPInstanceUID = new_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.StudyInstanceUID = ds.get("StudyInstanceUID") or new_uid()
+    ds.SeriesInstanceUID = ds.get("SeriesInstanceUID") or new_uid()
+    path = directory / name
+    ds.save_as(path)
+    return path, str(ds.SOPInstanceUID)

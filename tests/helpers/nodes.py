@@ -1,0 +1,207 @@
+"""Running gateway nodes in tests: in-process for inspection, subprocess for kill -9."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, text
+
+from gateway.config import GatewayConfig
+from gateway.node import Node
+from tests.helpers.net import free_port, wait_for_port, wait_until
+
+TEST_CALLING_AES = ("STORESCU", "MODALITY", "CT01", "ECHOSCU")
+
+
+def config_data(
+    root: Path, database_url: str, *, port: int = 0, **sections: dict[str, Any]
+) -> dict[str, Any]:
+    """A test configuration as plain data; *sections* are merged over the defaults."""
+    data: dict[str, Any] = {
+        "node": {
+            "ae_title": "GATEWAY",
+            "host": "127.0.0.1",
+            "port": port,
+            "stop_timeout": 5.0,
+        },
+        "storage": {
+            "spool_dir": str(root / "spool"),
+            "object_store": f"file://{root / 'objects'}",
+            "database": database_url,
+            "min_free_bytes": 0,
+            "upload_retry": {"initial_seconds": 0.2, "max_seconds": 1.0},
+        },
+        "calling_ae": [{"ae_title": ae} for ae in TEST_CALLING_AES],
+        "logging": {"format": "json", "level": "info"},
+    }
+    for name, values in sections.items():
+        if isinstance(values, dict) and isinstance(data.get(name), dict):
+            data[name] = {**data[name], **values}
+        else:
+            data[name] = values
+    return data
+
+
+def make_config(root: Path, database_url: str, **sections: dict[str, Any]) -> GatewayConfig:
+    return GatewayConfig.model_validate(config_data(root, database_url, **sections))
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def to_toml(data: dict[str, Any]) -> str:
+    """A small TOML writer for test configurations (tables and arrays of tables)."""
+    lines: list[str] = []
+
+    def table(prefix: str, values: dict[str, Any], header: str) -> None:
+        scalars = {k: v for k, v in values.items() if not isinstance(v, dict)
+                   and not (isinstance(v, list) and v and isinstance(v[0], dict))}
+        lines.append(header)
+        lines.extend(f"{k} = {_toml_value(v)}" for k, v in scalars.items())
+        lines.append("")
+        for key, value in values.items():
+            if isinstance(value, dict):
+                table(f"{prefix}{key}.", value, f"[{prefix}{key}]")
+            elif isinstance(value, list) and value and isinstance(value[0], dict):
+                for item in value:
+                    table(f"{prefix}{key}.", item, f"[[{prefix}{key}]]")
+
+    for key, value in data.items():
+        if isinstance(value, dict):
+            table(f"{key}.", value, f"[{key}]")
+        elif isinstance(value, list) and value and isinstance(value[0], dict):
+            for item in value:
+                table(f"{key}.", item, f"[[{key}]]")
+        else:
+            lines.insert(0, f"{key} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
+@contextmanager
+def running_node(config: GatewayConfig) -> Iterator[Node]:
+    """An in-process node, stopped at the end of the block."""
+    node = Node(config)
+    node.start()
+    try:
+        yield node
+    finally:
+        node.stop()
+
+
+def wait_uploaded(engine: Engine, count: int, timeout: float = 30.0) -> None:
+    """Wait until *count* instance rows are in the object store."""
+
+    def done() -> bool:
+        with engine.connect() as connection:
+            stored = connection.execute(
+                text("SELECT count(*) FROM instance WHERE state = 'stored'")
+            ).scalar_one()
+        return int(stored) >= count
+
+    wait_until(done, timeout, message=f"{count} uploads")
+
+
+@dataclass
+class NodeProcess:
+    """``dicom-gateway run`` as a child process."""
+
+    config_path: Path
+    port: int
+    log_path: Path
+    process: subprocess.Popen[bytes] | None = None
+    env: dict[str, str] = field(default_factory=dict)
+
+    def start(self, timeout: float = 30.0) -> None:
+        log = self.log_path.open("ab")
+        env = {**os.environ, **self.env}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "run", "--config", str(self.config_path)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        log.close()
+        wait_for_port(self.port, timeout)
+
+    def signal(self, signum: int) -> None:
+        assert self.process is not None
+        self.process.send_signal(signum)
+
+    def wait(self, timeout: float = 30.0) -> int:
+        assert self.process is not None
+        return self.process.wait(timeout)
+
+    def kill9(self) -> None:
+        self.signal(signal.SIGKILL)
+        self.wait()
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(10)
+
+    def log_events(self) -> list[dict[str, Any]]:
+        events = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            try:
+                events.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return events
+
+    def peak_rss_kib(self) -> int:
+        assert self.process is not None
+        status = Path(f"/proc/{self.process.pid}/status").read_text()
+        for line in status.splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+        raise AssertionError("no VmHWM")
+
+
+@contextmanager
+def node_process(
+    root: Path, database_url: str, **sections: dict[str, Any]
+) -> Iterator[NodeProcess]:
+    """A subprocess node on a free port with the test configuration."""
+    port = free_port()
+    data = config_data(root, database_url, port=port, **sections)
+    config_path = root / "gateway.toml"
+    config_path.write_text(to_toml(data))
+    node = NodeProcess(config_path, port, root / "node.log")
+    node.start()
+    try:
+        yield node
+    finally:
+        node.stop()
+
+
+def engine_for(url: str) -> Engine:
+    return create_engine(url)
+
+
+def elapsed_since(start: float) -> float:
+    return time.monotonic() - start
