@@ -34,12 +34,17 @@ def _load(args: argparse.Namespace) -> GatewayConfig:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from gateway.logs import configure_logging
-    from gateway.node import Node
+    from gateway.logs import configure_logging, get_logger
+    from gateway.node import Node, StartupError
 
     config = _load(args)
     configure_logging(config.logging)
-    Node(config).run()
+    try:
+        Node(config).run()
+    except StartupError as exc:
+        get_logger("gateway").critical("startup_failed", error=str(exc))
+        print(f"dicom-gateway: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     return EXIT_OK
 
 

@@ -14,6 +14,7 @@ import hashlib
 import mmap
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
+from io import BufferedReader
 from pathlib import Path
 
 from sqlalchemy import Engine
@@ -34,6 +35,8 @@ from gateway.spool import Spool, SpoolError
 from gateway.status import Status
 
 log = get_logger(__name__)
+
+_HASH_CHUNK = 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,7 +180,7 @@ class Ingestor:
                 if offset >= size:
                     raise _RefusedError(Status.CANNOT_UNDERSTAND, "empty dataset")
                 _check_matches_request(attributes, received)
-                digest = hashlib.sha256(memoryview(mapped)[offset:]).hexdigest()
+            digest = _sha256_from(stream, offset)
         return InstanceRecord(
             attributes=attributes,
             transfer_syntax_uid=received.transfer_syntax_uid,
@@ -191,6 +194,17 @@ class Ingestor:
             association_id=sender.association_id,
             received_at=self.clock(),
         )
+
+
+def _sha256_from(stream: BufferedReader, offset: int) -> str:
+    """SHA-256 of the file from *offset*, read in chunks (a mapping would count in RSS)."""
+    digest = hashlib.sha256()
+    buffer = bytearray(_HASH_CHUNK)
+    view = memoryview(buffer)
+    stream.seek(offset)
+    while count := stream.readinto(buffer):
+        digest.update(view[:count])
+    return digest.hexdigest()
 
 
 def _check_matches_request(attributes: InstanceAttributes, received: ReceivedInstance) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 from types import FrameType
 
 from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
 
 from gateway import systemd
 from gateway.acceptance import AcceptancePolicy
@@ -28,6 +29,14 @@ from gateway.spool import Spool
 from gateway.uploader import Uploader
 
 log = get_logger(__name__)
+
+
+class StartupError(Exception):
+    """The node cannot start; the message says what to fix."""
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0][:300]
 
 
 def node_identity(spool_dir: Path) -> str:
@@ -76,14 +85,22 @@ class Node:
 
     def start(self) -> None:
         """Migrate, recover, then start uploading and listening."""
-        migrate(self.engine)
+        try:
+            migrate(self.engine)
+        except SQLAlchemyError as exc:
+            raise StartupError(f"index database unavailable: {_first_line(exc)}") from exc
         try:
             self.store.check()
         except ObjectStoreError as exc:
             log.warning("object_store_unavailable_at_start", error=str(exc))
         self.recover()
         self.uploader.start()
-        self.receiver.start()
+        try:
+            self.receiver.start()
+        except OSError as exc:
+            self.uploader.stop()
+            address = f"{self.config.node.host}:{self.config.node.port}"
+            raise StartupError(f"cannot listen on {address}: {exc.strerror}") from exc
         systemd.notify("READY=1")
         log.info("node_started", node=self.name, store=self.store.description)
 
@@ -133,7 +150,11 @@ class Node:
         """Run in the foreground until SIGTERM or SIGINT."""
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
-        self.start()
+        try:
+            self.start()
+        except StartupError:
+            self.engine.dispose()
+            raise
         try:
             while not self._stop_requested.wait(1.0):
                 pass

@@ -200,21 +200,26 @@ class Receiver:
         ):
             time.sleep(0.05)
         remaining = server.active_associations
+        aborted = 0
         for assoc in remaining:
-            log.warning("association_aborted_at_stop", assoc_id=self._assoc_id(assoc))
+            assoc_id = self._assoc_id(assoc)
+            if assoc_id is not None:  # not a bare connection that never asked for anything
+                log.warning("association_aborted_at_stop", assoc_id=assoc_id)
+                aborted += 1
             assoc.abort()
-        # Aborted associations end promptly; one still waiting for its A-ASSOCIATE-RQ
-        # only ends at its ACSE timeout, and must not hold up the stop.
+        # Aborted associations end promptly; a connection still waiting for its
+        # A-ASSOCIATE-RQ only ends at its ACSE timeout and must not hold up the stop.
         give_up = time.monotonic() + 2.0
         for assoc in remaining:
             assoc.join(timeout=max(0.0, give_up - time.monotonic()))
-        log.info("listener_stopped", aborted=len(remaining))
+        idle = len(remaining) - aborted
+        log.info("listener_stopped", aborted=aborted, idle_connections_closed=idle)
 
     # --- association control ---------------------------------------------------------
 
     def _assoc_id(self, assoc: Any) -> str | None:
         session = self._sessions.get(assoc)
-        return session.facts.association_id if session else None
+        return session.facts.association_id if session and not session.finished else None
 
     def _on_requested(self, event: Any) -> None:
         assoc = event.assoc
@@ -247,6 +252,9 @@ class Receiver:
         if rejection is not None:
             assoc.acse.send_reject(rejection.result, rejection.source, rejection.diagnostic)
             self._record_rejection(session, rejection)
+            # As pynetdicom does for its own rejections: wait until the A-ASSOCIATE-RJ
+            # has gone out before the connection is closed.
+            assoc.kill()
             return
         assoc.acceptor.supported_contexts = negotiable_contexts(assoc.requestor.requested_contexts)
 
@@ -268,6 +276,8 @@ class Receiver:
         session.finished = True
         log.warning(
             "association_rejected",
+            assoc_id=session.facts.association_id,
+            calling_ae=session.facts.calling_ae,
             reason=rejection.reason,
             result=rejection.result,
             source=rejection.source,

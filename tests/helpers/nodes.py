@@ -187,6 +187,7 @@ def node_process(
     root: Path, database_url: str, **sections: dict[str, Any]
 ) -> Iterator[NodeProcess]:
     """A subprocess node on a free port with the test configuration."""
+    root.mkdir(parents=True, exist_ok=True)
     port = free_port()
     data = config_data(root, database_url, port=port, **sections)
     config_path = root / "gateway.toml"

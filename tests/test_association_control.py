@@ -1,0 +1,134 @@
+"""Who may associate, what the rejection says, and what the association log records."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification
+from sqlalchemy import text
+from structlog.testing import capture_logs
+
+from gateway.node import Node
+from tests.helpers import dcmtk
+from tests.helpers.data import make_study
+from tests.helpers.net import LOOPBACK, wait_until
+from tests.helpers.nodes import make_config, running_node
+
+pytestmark = pytest.mark.integration
+
+
+def _association_rows(node: Node) -> list[dict[str, object]]:
+    with node.engine.connect() as connection:
+        rows = connection.execute(text("SELECT * FROM association ORDER BY requested_at")).all()
+    return [dict(row._mapping) for row in rows]
+
+
+def test_unknown_calling_ae_is_rejected_permanently_and_logged(node: Node, tmp_path: Path) -> None:
+    with capture_logs() as logs:
+        result = dcmtk.storescu(node.receiver.port, make_study(tmp_path, 1), calling="INTRUDER")
+    assert not result.ok
+    assert "Rejected Permanent, Source: Service User" in result.output
+    assert "Calling AE Title Not Recognized" in result.output
+    (event,) = [entry for entry in logs if entry["event"] == "association_rejected"]
+    assert event["calling_ae"] == "INTRUDER"
+    assert (event["result"], event["source"], event["diagnostic"]) == (1, 1, 3)
+    assert "INTRUDER" in event["reason"]
+    (row,) = _association_rows(node)
+    assert row["outcome"] == "rejected"
+    assert row["calling_ae"] == "INTRUDER"
+    assert "not configured" in str(row["reject_reason"])
+
+
+def test_wrong_called_ae_is_rejected_with_called_ae_not_recognised(
+    node: Node, tmp_path: Path
+) -> None:
+    result = dcmtk.storescu(node.receiver.port, make_study(tmp_path, 1), called="OTHERNODE")
+    assert not result.ok
+    assert "Called AE Title Not Recognized" in result.output
+    (row,) = _association_rows(node)
+    assert row["outcome"] == "rejected"
+    assert "OTHERNODE" in str(row["reject_reason"])
+
+
+@pytest.mark.parametrize(
+    ("hosts", "accepted"),
+    [(["10.9.9.9"], False), (["10.0.0.0/8", "127.0.0.0/8"], True), (["127.0.0.1"], True)],
+)
+def test_calling_ae_restricted_to_hosts(
+    tmp_path: Path, hosts: list[str], accepted: bool
+) -> None:
+    config = make_config(
+        tmp_path, f"sqlite:///{tmp_path / 'index.db'}",
+        calling_ae=[{"ae_title": "CT01", "hosts": hosts}],
+    )
+    with running_node(config) as node:
+        result = dcmtk.storescu(node.receiver.port, make_study(tmp_path / "s", 1), calling="CT01")
+    assert result.ok is accepted, result.output
+    if not accepted:
+        assert "Calling AE Title Not Recognized" in result.output
+
+
+def test_unknown_calling_ae_accepted_when_configured(tmp_path: Path, database_url: str) -> None:
+    config = make_config(tmp_path, database_url, node={"accept_unknown_calling_ae": True})
+    with running_node(config) as node:
+        result = dcmtk.storescu(node.receiver.port, make_study(tmp_path / "s", 2), calling="NEWCT")
+    assert result.ok, result.output
+
+
+def test_associations_beyond_the_limit_are_rejected_transiently(tmp_path: Path) -> None:
+    config = make_config(
+        tmp_path, f"sqlite:///{tmp_path / 'index.db'}", node={"max_associations": 1}
+    )
+    with running_node(config) as node:
+        holder = AE(ae_title="MODALITY")
+        holder.add_requested_context(Verification)
+        held = holder.associate(LOOPBACK, node.receiver.port, ae_title="GATEWAY")
+        assert held.is_established
+        try:
+            result = dcmtk.echoscu(node.receiver.port)
+            assert not result.ok
+            assert "Rejected Transient" in result.output
+            assert "local-limit-exceeded" in result.output.lower().replace(" ", "-")
+        finally:
+            held.release()
+        rows = _association_rows(node)
+    assert [row["outcome"] for row in rows] == ["released", "rejected"]
+
+
+def test_association_log_records_instances_bytes_and_outcome(node: Node, tmp_path: Path) -> None:
+    files = make_study(tmp_path, 5)
+    with capture_logs() as logs:
+        result = dcmtk.storescu(node.receiver.port, files)
+        assert result.ok, result.output
+        wait_until(lambda: any(e["event"] == "association_released" for e in logs), 5)
+    events = [entry["event"] for entry in logs if entry["event"].startswith("association_")]
+    assert events == ["association_requested", "association_accepted", "association_released"]
+    requested = next(e for e in logs if e["event"] == "association_requested")
+    assert requested["peer_address"] == "127.0.0.1"
+    assert requested["called_ae"] == "GATEWAY"
+    released = next(e for e in logs if e["event"] == "association_released")
+    assert released["instances"] == 5
+    assert released["bytes"] > 5 * 39000
+    assert released["duration_s"] >= 0
+    assert len({e["assoc_id"] for e in logs if "assoc_id" in e}) == 1
+    (row,) = _association_rows(node)
+    assert row["outcome"] == "released"
+    assert row["instances_received"] == 5
+    assert row["bytes_received"] == released["bytes"]
+    assert row["calling_ae"] == "STORESCU"
+    assert row["peer_address"] == "127.0.0.1"
+    assert row["ended_at"] is not None
+
+
+def test_logs_carry_no_patient_names_or_ids(node: Node, tmp_path: Path) -> None:
+    files = make_study(tmp_path, 2, patient_id="PHI-ID-424242")
+    with capture_logs() as logs:
+        result = dcmtk.storescu(node.receiver.port, files)
+        assert result.ok
+        result = dcmtk.storescu(node.receiver.port, files)  # duplicates are logged too
+        assert result.ok
+    text_of_logs = repr(logs)
+    assert "PHI-ID-424242" not in text_of_logs
+    assert "Synthetic" not in text_of_logs

@@ -1,0 +1,153 @@
+"""Pure decisions, as tables of cases: acceptance, status classes, backoff, negotiation."""
+
+from __future__ import annotations
+
+import pytest
+from pynetdicom.presentation import build_context
+
+from gateway.acceptance import (
+    AcceptancePolicy,
+    AssociationRequest,
+    decide,
+    too_many_associations,
+)
+from gateway.backoff import backoff_ceiling, retry_delay
+from gateway.config import CallingAEConfig
+from gateway.receiver import negotiable_contexts
+from gateway.status import Status, StatusCategory, classify, describe
+
+POLICY = AcceptancePolicy.build(
+    "GATEWAY",
+    False,
+    [
+        CallingAEConfig(ae_title="CT01", hosts=("10.1.2.3", "10.2.0.0/16")),
+        CallingAEConfig(ae_title="MR01"),
+        CallingAEConfig(ae_title="US01", hosts=("2001:db8::/32",)),
+    ],
+)
+
+
+@pytest.mark.parametrize(
+    ("calling", "called", "address", "expected"),
+    [
+        ("CT01", "GATEWAY", "10.1.2.3", None),
+        ("CT01", "GATEWAY", "10.2.9.9", None),
+        ("CT01", "GATEWAY", "::ffff:10.1.2.3", None),
+        ("CT01", "GATEWAY", "10.1.2.4", (1, 1, 3)),
+        ("CT01 ", " GATEWAY", "10.1.2.3", None),  # AE titles are space padded on the wire
+        ("MR01", "GATEWAY", "192.168.1.1", None),
+        ("US01", "GATEWAY", "2001:db8::7", None),
+        ("US01", "GATEWAY", "10.1.2.3", (1, 1, 3)),
+        ("XA01", "GATEWAY", "10.1.2.3", (1, 1, 3)),
+        ("ct01", "GATEWAY", "10.1.2.3", (1, 1, 3)),  # AE titles are case sensitive
+        ("CT01", "OTHER", "10.1.2.3", (1, 1, 7)),
+        ("XA01", "OTHER", "10.1.2.3", (1, 1, 7)),  # called AE is checked first
+        ("CT01", "GATEWAY", "not-an-address", (1, 1, 3)),
+    ],
+)
+def test_association_acceptance(
+    calling: str, called: str, address: str, expected: tuple[int, int, int] | None
+) -> None:
+    rejection = decide(AssociationRequest(calling, called, address), POLICY)
+    if expected is None:
+        assert rejection is None
+    else:
+        assert rejection is not None
+        assert (rejection.result, rejection.source, rejection.diagnostic) == expected
+        assert rejection.reason
+
+
+def test_unknown_calling_ae_accepted_when_allowed_but_host_rules_still_apply() -> None:
+    open_policy = AcceptancePolicy(POLICY.ae_title, True, POLICY.calling_aes)
+    assert decide(AssociationRequest("ANY", "GATEWAY", "1.1.1.1"), open_policy) is None
+    rejection = decide(AssociationRequest("CT01", "GATEWAY", "1.1.1.1"), open_policy)
+    assert rejection is not None and rejection.diagnostic == 3
+
+
+def test_too_many_associations_is_a_transient_presentation_rejection() -> None:
+    rejection = too_many_associations(4)
+    assert (rejection.result, rejection.source, rejection.diagnostic) == (2, 3, 2)
+
+
+@pytest.mark.parametrize(
+    ("status", "category"),
+    [
+        (0x0000, StatusCategory.SUCCESS),
+        (0xB000, StatusCategory.WARNING),
+        (0xB006, StatusCategory.WARNING),
+        (0xB007, StatusCategory.WARNING),
+        (0x0107, StatusCategory.WARNING),
+        (0xA700, StatusCategory.TRANSIENT_FAILURE),
+        (0xA7FF, StatusCategory.TRANSIENT_FAILURE),
+        (0x0213, StatusCategory.TRANSIENT_FAILURE),
+        (0xA900, StatusCategory.PERMANENT_FAILURE),
+        (0xC000, StatusCategory.PERMANENT_FAILURE),
+        (0xCFFF, StatusCategory.PERMANENT_FAILURE),
+        (0x0122, StatusCategory.PERMANENT_FAILURE),
+        (0x0110, StatusCategory.PERMANENT_FAILURE),
+        (0xC211, StatusCategory.PERMANENT_FAILURE),
+    ],
+)
+def test_status_classification(status: int, category: StatusCategory) -> None:
+    assert classify(status) is category
+
+
+@pytest.mark.parametrize(
+    ("status", "text"),
+    [
+        (Status.OUT_OF_RESOURCES, "0xA700 (out of resources)"),
+        (0xA701, "0xA701 (out of resources)"),
+        (0xC123, "0xC123 (cannot understand)"),
+        (0xA950, "0xA950 (data set does not match SOP class)"),
+        (0x1234, "0x1234 (unknown status)"),
+    ],
+)
+def test_status_descriptions(status: int, text: str) -> None:
+    assert describe(status) == text
+
+
+@pytest.mark.parametrize(
+    ("attempt", "ceiling"),
+    [(0, 0.0), (1, 1.0), (2, 2.0), (3, 4.0), (9, 256.0), (10, 300.0), (1000, 300.0)],
+)
+def test_backoff_ceiling_doubles_up_to_the_cap(attempt: int, ceiling: float) -> None:
+    assert backoff_ceiling(attempt, 1.0, 300.0) == ceiling
+
+
+def test_retry_delay_is_jittered_within_half_to_full_ceiling() -> None:
+    assert retry_delay(3, 1.0, 300.0, uniform=lambda low, high: low) == 2.0
+    assert retry_delay(3, 1.0, 300.0, uniform=lambda low, high: high) == 4.0
+    delays = {retry_delay(5, 1.0, 300.0) for _ in range(50)}
+    assert all(8.0 <= d <= 16.0 for d in delays) and len(delays) > 1
+
+
+CT = "1.2.840.10008.5.1.4.1.1.2"
+JPEG2000 = "1.2.840.10008.1.2.4.91"
+EXPLICIT = "1.2.840.10008.1.2.1"
+IMPLICIT = "1.2.840.10008.1.2"
+
+
+@pytest.mark.parametrize(
+    ("proposed", "expected"),
+    [
+        ([(CT, [JPEG2000, EXPLICIT])], {CT: [JPEG2000, EXPLICIT]}),
+        ([(CT, [IMPLICIT, JPEG2000])], {CT: [IMPLICIT, JPEG2000]}),
+        ([(CT, [JPEG2000]), (CT, [EXPLICIT])], {CT: [JPEG2000, EXPLICIT]}),
+        ([(CT, ["1.2.3.4.5.6"])], {}),  # unknown transfer syntax only
+        ([("1.2.3.4.5.6.7", [EXPLICIT])], {}),  # unknown (private) SOP class
+        ([("1.2.840.10008.1.1", [IMPLICIT])], {"1.2.840.10008.1.1": [IMPLICIT]}),
+    ],
+)
+def test_negotiation_keeps_the_requestor_order_of_transfer_syntaxes(
+    proposed: list[tuple[str, list[str]]], expected: dict[str, list[str]]
+) -> None:
+    contexts = []
+    for index, (abstract, syntaxes) in enumerate(proposed):
+        context = build_context(abstract, syntaxes)
+        context.context_id = 2 * index + 1
+        contexts.append(context)
+    result = {
+        str(cx.abstract_syntax): [str(ts) for ts in cx.transfer_syntax]
+        for cx in negotiable_contexts(contexts)
+    }
+    assert result == expected

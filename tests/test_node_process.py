@@ -1,0 +1,123 @@
+"""The node as operators run it: a process that stops gracefully and stays small."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification
+from sqlalchemy import create_engine, text
+
+from tests.helpers import dcmtk
+from tests.helpers.data import make_study, write_large_instance
+from tests.helpers.net import LOOPBACK, port_open, wait_until
+from tests.helpers.nodes import node_process, wait_uploaded
+from tests.helpers.scu import SendReport, send_files
+
+pytestmark = pytest.mark.integration
+
+
+def test_sigterm_lets_the_association_in_flight_finish(tmp_path: Path, database_url: str) -> None:
+    files = make_study(tmp_path / "study", 40)
+    with node_process(tmp_path / "node", database_url) as node:
+        reports: list[SendReport] = []
+        acknowledged: list[str] = []
+        sender = threading.Thread(
+            target=lambda: reports.append(send_files(
+                node.port, files, pause=0.05,
+                on_response=lambda _i, uid, status: acknowledged.append(uid),
+            ))
+        )
+        sender.start()
+        wait_until(lambda: len(acknowledged) >= 10, 30)
+        stopped_at = time.monotonic()
+        node.signal(signal.SIGTERM)
+        wait_until(lambda: not port_open(node.port), 5, message="the listener to close")
+        sender.join(60)
+        assert node.wait(30) == 0
+        assert time.monotonic() - stopped_at < 15
+        (report,) = reports
+        assert report.error is None
+        assert [status for _, status in report.statuses] == [0] * 40
+        events = node.log_events()
+
+    names = [event["event"] for event in events]
+    for expected in ("signal_received", "node_stopping", "listener_stopped", "node_stopped"):
+        assert expected in names
+    stopped = next(e for e in events if e["event"] == "listener_stopped")
+    assert stopped["aborted"] == 0
+    accepted = [e for e in events if e["event"] == "association_accepted"]
+    assert accepted and all("assoc_id" in e and e["calling_ae"] == "MODALITY" for e in accepted)
+    engine = create_engine(database_url)
+    with engine.connect() as connection:
+        count = connection.execute(text("SELECT count(*) FROM instance")).scalar_one()
+        outcome = connection.execute(text("SELECT outcome FROM association")).scalar_one()
+    engine.dispose()
+    assert count == 40
+    assert outcome == "released"
+
+
+def test_sigterm_aborts_an_idle_association_after_the_stop_timeout(
+    tmp_path: Path, database_url: str
+) -> None:
+    with node_process(tmp_path / "node", database_url, node={"stop_timeout": 2.0}) as node:
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context(Verification)
+        held = ae.associate(LOOPBACK, node.port, ae_title="GATEWAY")
+        assert held.is_established
+        started = time.monotonic()
+        node.signal(signal.SIGTERM)
+        assert node.wait(30) == 0
+        assert time.monotonic() - started < 10
+        wait_until(lambda: not held.is_established, 5)
+        events = node.log_events()
+    assert any(e["event"] == "association_aborted_at_stop" for e in events)
+
+
+def test_restart_after_clean_stop_uploads_what_was_left_in_the_spool(
+    tmp_path: Path, database_url: str
+) -> None:
+    root = tmp_path / "node"
+    root.mkdir()
+    (root / "objects").write_text("object store unavailable during the first run")
+    files = make_study(tmp_path / "study", 5)
+    with node_process(root, database_url) as node:
+        assert dcmtk.storescu(node.port, files).ok
+        node.signal(signal.SIGTERM)
+        assert node.wait(30) == 0
+        assert len(list((root / "spool" / "ready").iterdir())) == 5
+        (root / "objects").unlink()
+        node.start()
+        engine = create_engine(database_url)
+        try:
+            wait_uploaded(engine, 5)
+        finally:
+            engine.dispose()
+
+
+@pytest.mark.slow
+def test_a_large_instance_is_streamed_without_growing_memory(
+    tmp_path: Path, database_url: str
+) -> None:
+    size = 400 * 1024 * 1024
+    big = tmp_path / "big.dcm"
+    write_large_instance(big, size)
+    with node_process(tmp_path / "node", database_url) as node:
+        baseline_kib = node.peak_rss_kib()
+        result = dcmtk.storescu(node.port, [big], timeout=600)
+        assert result.ok, result.output
+        engine = create_engine(database_url)
+        try:
+            wait_uploaded(engine, 1, timeout=120)
+            with engine.connect() as connection:
+                stored_size = connection.execute(text("SELECT size FROM instance")).scalar_one()
+        finally:
+            engine.dispose()
+        peak_kib = node.peak_rss_kib()
+    assert stored_size >= size
+    growth_mib = (peak_kib - baseline_kib) / 1024
+    assert growth_mib < 64, f"RSS grew by {growth_mib:.0f} MiB while receiving 400 MiB"

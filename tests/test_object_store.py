@@ -1,0 +1,180 @@
+"""Object store backends: file:// and S3 (against a real SeaweedFS server)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+
+from gateway.config import StorageConfig
+from gateway.dicom.header import read_file_meta
+from gateway.objectstore import (
+    ExpectedContent,
+    ObjectStore,
+    ObjectStoreError,
+    ObjectVerificationError,
+    object_key,
+    open_object_store,
+)
+from gateway.objectstore.filestore import FileObjectStore
+from tests.helpers import dcmtk
+from tests.helpers.data import dataset_bytes, make_study
+from tests.helpers.net import free_port, wait_until
+from tests.helpers.nodes import make_config, running_node, wait_uploaded
+from tests.helpers.s3 import ACCESS_KEY, SECRET_KEY, SeaweedS3, seaweed
+from tests.helpers.scu import send_files
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
+    with seaweed(tmp_path_factory.mktemp("seaweed") / "data") as server:
+        yield server
+
+
+@pytest.fixture
+def s3_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DICOM_GATEWAY_S3_ACCESS_KEY", ACCESS_KEY)
+    monkeypatch.setenv("DICOM_GATEWAY_S3_SECRET_KEY", SECRET_KEY)
+
+
+def _s3_config(server: SeaweedS3, bucket: str) -> StorageConfig:
+    return StorageConfig(
+        object_store=f"s3://{bucket}/archive",
+        s3={"endpoint": server.endpoint, "secure": False, "create_bucket": True},
+    )
+
+
+def _payload(tmp_path: Path, size: int, offset: int = 300) -> tuple[Path, ExpectedContent]:
+    data = os.urandom(size)
+    path = tmp_path / f"object-{size}"
+    path.write_bytes(data)
+    return path, ExpectedContent(size, offset, hashlib.sha256(data[offset:]).hexdigest())
+
+
+@pytest.fixture(params=["file", "s3"])
+def store(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> ObjectStore:
+    if request.param == "file":
+        return FileObjectStore(tmp_path / "objects")
+    server: SeaweedS3 = request.getfixturevalue("s3_server")
+    request.getfixturevalue("s3_credentials")
+    backend = open_object_store(_s3_config(server, f"unit-{os.urandom(4).hex()}"))
+    backend.check()
+    return backend
+
+
+@pytest.mark.parametrize("size", [1000, 12 * 1024 * 1024], ids=["single-part", "multipart"])
+def test_put_file_stores_and_verifies_the_bytes(
+    store: ObjectStore, tmp_path: Path, size: int
+) -> None:
+    path, expected = _payload(tmp_path, size)
+    store.put_file("study/series/sop/abc.dcm", path, expected)
+    assert store.size("study/series/sop/abc.dcm") == size
+    with store.open("study/series/sop/abc.dcm") as stream:
+        assert stream.read() == path.read_bytes()
+
+
+def test_put_file_refuses_content_that_differs_from_the_index(
+    store: ObjectStore, tmp_path: Path
+) -> None:
+    path, expected = _payload(tmp_path, 5000)
+    wrong = ExpectedContent(expected.size, expected.dataset_offset, "0" * 64)
+    with pytest.raises(ObjectVerificationError):
+        store.put_file("k/v.dcm", path, wrong)
+
+
+def test_missing_object_has_no_size(store: ObjectStore) -> None:
+    assert store.size("no/such/object.dcm") is None
+
+
+def test_file_store_rejects_keys_that_leave_its_root(tmp_path: Path) -> None:
+    store = FileObjectStore(tmp_path / "objects")
+    path, expected = _payload(tmp_path, 100)
+    with pytest.raises(ValueError, match="leaves the store"):
+        store.put_file("../escape.dcm", path, expected)
+
+
+def test_unreachable_s3_store_raises_a_transient_error(tmp_path: Path) -> None:
+    config = StorageConfig(
+        object_store="s3://dicom", s3={"endpoint": f"127.0.0.1:{free_port()}", "secure": False}
+    )
+    backend = open_object_store(config)
+    with pytest.raises(ObjectStoreError):
+        backend.check()
+    path, expected = _payload(tmp_path, 100)
+    with pytest.raises(ObjectStoreError):
+        backend.put_file("a/b.dcm", path, expected)
+
+
+@pytest.mark.usefixtures("s3_credentials")
+def test_node_uploads_to_s3_under_uid_keys(
+    s3_server: SeaweedS3, tmp_path: Path, database_url: str
+) -> None:
+    bucket = f"node-{os.urandom(4).hex()}"
+    storage = _s3_config(s3_server, bucket).model_dump(mode="json")
+    config = make_config(tmp_path, database_url, storage={**storage, "spool_dir": str(
+        tmp_path / "spool"), "database": database_url, "min_free_bytes": 0})
+    files = make_study(tmp_path / "study", 3, patient_id="PAT-S3")
+    with running_node(config) as node:
+        # pynetdicom streams the files' dataset bytes unchanged (DCMTK re-encodes them).
+        report = send_files(node.receiver.port, files)
+        assert [status for _, status in report.statuses] == [0, 0, 0]
+        wait_uploaded(node.engine, 3)
+        with node.engine.connect() as connection:
+            keys = [k for (k,) in connection.execute(text("SELECT object_key FROM instance"))]
+    client = s3_server.client()
+    names = sorted(o.object_name for o in client.list_objects(bucket, recursive=True))
+    assert names == sorted(f"archive/{key}" for key in keys)
+    assert all("PAT-S3" not in name for name in names)
+    stored = {dataset_bytes_of(client.get_object(bucket, name).read()) for name in names}
+    assert stored == {dataset_bytes(path) for path in files}
+
+
+def dataset_bytes_of(data: bytes) -> bytes:
+    _, offset = read_file_meta(data)
+    return data[offset:]
+
+
+@pytest.mark.usefixtures("s3_credentials")
+def test_s3_outage_keeps_instances_in_the_spool_until_it_returns(
+    tmp_path: Path, database_url: str
+) -> None:
+    with seaweed(tmp_path / "seaweed") as server:
+        bucket = "outage"
+        storage = _s3_config(server, bucket).model_dump(mode="json")
+        config = make_config(tmp_path, database_url, storage={**storage, "spool_dir": str(
+            tmp_path / "spool"), "database": database_url, "min_free_bytes": 0,
+            "upload_retry": {"initial_seconds": 0.2, "max_seconds": 1.0}})
+        with running_node(config) as node:
+            assert dcmtk.storescu(node.receiver.port, make_study(tmp_path / "a", 2)).ok
+            wait_uploaded(node.engine, 2)
+            server.stop()
+            result = dcmtk.storescu(node.receiver.port, make_study(tmp_path / "b", 3))
+            assert result.ok, "receiving must not depend on the object store"
+
+            def attempted() -> bool:
+                with node.engine.connect() as connection:
+                    return bool(connection.execute(text(
+                        "SELECT count(*) FROM instance WHERE last_upload_error IS NOT NULL"
+                    )).scalar_one())
+
+            wait_until(attempted, 30, message="an upload attempt during the outage")
+            assert len(list(node.spool.ready.iterdir())) == 3
+            server.start()
+            wait_uploaded(node.engine, 5, timeout=60)
+            assert list(node.spool.ready.iterdir()) == []
+        names = list(server.client().list_objects(bucket, recursive=True))
+        assert len(names) == 5
+
+
+def test_object_key_layout_uses_uids_only() -> None:
+    assert object_key("1.2.3", "1.2.3.4", "1.2.3.4.5", "ab" * 32) == (
+        "1.2.3/1.2.3.4/1.2.3.4.5/" + "ab" * 32 + ".dcm"
+    )
