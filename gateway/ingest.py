@@ -29,6 +29,7 @@ from gateway.dicom.attributes import (
 from gateway.dicom.header import HeaderError, read_file_meta, read_header
 from gateway.dicom.transfer_syntax import dataset_encoding
 from gateway.index import repository
+from gateway.index.database import describe_error
 from gateway.index.repository import InstanceRecord, RecordOutcome
 from gateway.logs import get_logger
 from gateway.spool import Spool, SpoolError
@@ -132,7 +133,7 @@ class Ingestor:
             result = self._commit(record)
         except SQLAlchemyError as exc:
             self.spool.discard(spool_name)
-            log.error("index_write_failed", error=_short_error(exc))
+            log.error("index_write_failed", error=describe_error(exc))
             return StoreResult(Status.OUT_OF_RESOURCES, error_comment="index database unavailable")
 
         if result.outcome is RecordOutcome.DUPLICATE:
@@ -218,8 +219,3 @@ def _check_matches_request(attributes: InstanceAttributes, received: ReceivedIns
             Status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
             "SOP Class UID in the dataset differs from the C-STORE request",
         )
-
-
-def _short_error(exc: BaseException) -> str:
-    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return text[:300]

@@ -51,8 +51,13 @@ class RedactPHI:
         return event_dict
 
 
-def configure_logging(config: LoggingConfig, stream: TextIO | None = None) -> None:
-    """Configure structlog and the stdlib root logger. Call once at start-up."""
+def configure_logging(
+    config: LoggingConfig, stream: TextIO | None = None, *, cache: bool = True
+) -> None:
+    """Configure structlog and the stdlib root logger. Call once at start-up.
+
+    *cache* binds loggers on first use (faster); tests that reconfigure turn it off.
+    """
     stream = stream or sys.stdout
     level = _LEVELS[config.level]
     as_json = config.format == "json" or (config.format == "auto" and not stream.isatty())
@@ -75,7 +80,7 @@ def configure_logging(config: LoggingConfig, stream: TextIO | None = None) -> No
         processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
         wrapper_class=structlog.make_filtering_bound_logger(level),
         logger_factory=structlog.stdlib.LoggerFactory(),
-        cache_logger_on_first_use=True,
+        cache_logger_on_first_use=cache,
     )
     formatter = structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=shared,

@@ -20,7 +20,7 @@ from gateway import systemd
 from gateway.acceptance import AcceptancePolicy
 from gateway.config import GatewayConfig
 from gateway.index import repository
-from gateway.index.database import make_engine, migrate
+from gateway.index.database import describe_error, make_engine, migrate
 from gateway.ingest import Ingestor
 from gateway.logs import get_logger
 from gateway.objectstore import ObjectStore, ObjectStoreError, open_object_store
@@ -33,10 +33,6 @@ log = get_logger(__name__)
 
 class StartupError(Exception):
     """The node cannot start; the message says what to fix."""
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).splitlines() or [type(exc).__name__])[0][:300]
 
 
 def node_identity(spool_dir: Path) -> str:
@@ -88,7 +84,7 @@ class Node:
         try:
             migrate(self.engine)
         except SQLAlchemyError as exc:
-            raise StartupError(f"index database unavailable: {_first_line(exc)}") from exc
+            raise StartupError(f"index database unavailable: {describe_error(exc)}") from exc
         try:
             self.store.check()
         except ObjectStoreError as exc:

@@ -30,6 +30,7 @@ from gateway.acceptance import AcceptancePolicy, AssociationRequest, Rejection, 
 from gateway.config import NodeConfig
 from gateway.dicom.transfer_syntax import ACCEPTED_TRANSFER_SYNTAXES
 from gateway.index import repository
+from gateway.index.database import describe_error
 from gateway.index.repository import AssociationFacts, AssociationTotals, RecordOutcome
 from gateway.ingest import Ingestor, ReceivedInstance, Sender, StoreResult
 from gateway.logs import get_logger
@@ -354,7 +355,7 @@ class Receiver:
             with self.engine.begin() as connection:
                 write(connection)
         except SQLAlchemyError as exc:
-            log.error("association_log_write_failed", error=str(exc).splitlines()[0][:300])
+            log.error("association_log_write_failed", error=describe_error(exc))
             return False
         return True
 

@@ -21,6 +21,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from gateway.backoff import retry_delay
 from gateway.config import RetryConfig
 from gateway.index import repository
+from gateway.index.database import describe_error
 from gateway.logs import get_logger
 from gateway.objectstore import ExpectedContent, ObjectStore, ObjectStoreError, object_key
 from gateway.spool import Spool
@@ -113,7 +114,7 @@ class Uploader:
                     connection, self.node_name, self.clock(), free, exclude
                 )
         except SQLAlchemyError as exc:
-            log.error("upload_queue_read_failed", error=str(exc).splitlines()[0][:300])
+            log.error("upload_queue_read_failed", error=describe_error(exc))
             self._stopping.wait(1.0)
             return 0
         for row in rows:
@@ -162,7 +163,7 @@ class Uploader:
         except SQLAlchemyError as exc:
             # The object is stored; the row stays spooled and the (idempotent) upload is
             # repeated later. The spool file is kept until the row says otherwise.
-            log.error("upload_record_failed", error=str(exc).splitlines()[0][:300])
+            log.error("upload_record_failed", error=describe_error(exc))
             return
         if stored:
             self.spool.discard(row.spool_name)
@@ -197,4 +198,4 @@ class Uploader:
             with self.engine.begin() as connection:
                 repository.mark_upload_failed(connection, row.id, attempts, next_at, error)
         except SQLAlchemyError as exc:
-            log.error("upload_record_failed", error=str(exc).splitlines()[0][:300])
+            log.error("upload_record_failed", error=describe_error(exc))

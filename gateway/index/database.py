@@ -18,8 +18,14 @@ from sqlalchemy.engine import make_url
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 
 
-class DatabaseUnavailableError(Exception):
-    """The index database cannot be reached or written."""
+def describe_error(exc: BaseException) -> str:
+    """A log-safe one-line description of a database error.
+
+    Only the first line: SQLAlchemy appends the statement's parameters and PostgreSQL a
+    DETAIL line, and either can carry patient data.
+    """
+    lines = str(exc).splitlines()
+    return (lines[0] if lines else type(exc).__name__)[:300]
 
 
 def make_engine(url: str, *, timeout: float = 10.0, pool_size: int = 16) -> Engine:
