@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -168,6 +169,127 @@ class CallingAEConfig(_Model):
         return value
 
 
+MatchValue = str | list[str] | dict[str, str]
+"""A route condition: exact or wildcard (``*``, ``?``) text, a list of those (any may
+match), or ``{ regex = "..." }``. ``source_address`` takes addresses or networks."""
+
+ASSOCIATION_MATCH_KEYS = ("calling_ae", "called_ae", "source_address")
+
+
+def _check_match(match: dict[str, MatchValue]) -> dict[str, MatchValue]:
+    from pydicom.datadict import keyword_dict
+
+    for key, value in match.items():
+        if key not in ASSOCIATION_MATCH_KEYS and key not in keyword_dict:
+            raise ValueError(
+                f"{key!r} is neither a DICOM keyword nor one of {', '.join(ASSOCIATION_MATCH_KEYS)}"
+            )
+        if isinstance(value, dict):
+            if set(value) != {"regex"}:
+                raise ValueError(f"{key}: a table condition takes exactly one key, regex")
+            try:
+                re.compile(value["regex"])
+            except re.error as exc:
+                raise ValueError(f"{key}: invalid regex: {exc}") from None
+        if key == "source_address":
+            for pattern in [value] if isinstance(value, str) else value:
+                if not isinstance(pattern, str):
+                    # pydantic reports ValueError (not TypeError) as a validation error
+                    raise ValueError("source_address takes addresses or networks")  # noqa: TRY004
+                try:
+                    ipaddress.ip_network(pattern, strict=False)
+                except ValueError:
+                    message = f"source_address: {pattern!r} is not an address or network"
+                    raise ValueError(message) from None
+    return match
+
+
+class MorphConfig(_Model):
+    """Changes made to the forwarded copy only (the stored original never changes).
+
+    Applied in this order: ``remove``, ``remove_private``, ``set``, ``prefix``, ``suffix``.
+    Attributes are named by keyword (``PatientID``) or tag (``0010,0020``); ``remove``
+    also takes whole groups (``0009,xxxx``).
+    """
+
+    set: dict[str, str] = {}
+    """Replace or add values, e.g. ``{ InstitutionName = "General Hospital" }``."""
+    remove: list[str] = []
+    """Delete attributes or groups."""
+    remove_private: bool = False
+    """Delete all private attributes (odd groups)."""
+    prefix: dict[str, str] = {}
+    """Prepend text to existing values, e.g. ``{ PatientID = "SITEA-" }``."""
+    suffix: dict[str, str] = {}
+    """Append text to existing values."""
+
+    @model_validator(mode="after")
+    def _selectors_are_valid(self) -> MorphConfig:
+        from gateway.morph import validate_morph
+
+        validate_morph(self)
+        return self
+
+    def is_empty(self) -> bool:
+        return not (self.set or self.remove or self.remove_private or self.prefix or self.suffix)
+
+
+class ForwardRetryConfig(_Model):
+    """Retry policy of a destination: exponential backoff with jitter, then a dead letter."""
+
+    initial_seconds: float = Field(default=5.0, gt=0)
+    max_seconds: float = Field(default=600.0, gt=0)
+    max_attempts: int = Field(default=100, ge=1)
+    """Attempts (C-STORE tries of one instance) before it becomes a dead letter."""
+
+
+class DestinationConfig(_Model):
+    """``[[destination]]``: a PACS/VNA the gateway forwards to (C-STORE SCU)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    """Identifier used by routes, the queue and the CLI."""
+    ae_title: AETitle
+    """The destination's called AE title."""
+    host: str
+    port: int = Field(ge=1, le=65535)
+    calling_ae_title: AETitle | None = None
+    """Our AE title towards it (default: ``[node] ae_title``)."""
+    max_associations: int = Field(default=2, ge=1, le=32)
+    """Parallel associations to this destination."""
+    batch_size: int = Field(default=100, ge=1, le=10000)
+    """Instances (of one study) sent over one association before it is released."""
+    timeout: float = Field(default=30.0, gt=0)
+    """Seconds for connecting, association negotiation and each response."""
+    max_pdu_length: int = Field(default=0, ge=0)
+    """Largest PDU we accept from it; 0 = unlimited."""
+    decompress: bool = True
+    """When it accepts none of an instance's stored transfer syntax, decompress to explicit
+    VR little endian (never to a lossy syntax). Off: such instances become dead letters."""
+    retry: ForwardRetryConfig = ForwardRetryConfig()
+    morph: MorphConfig = MorphConfig()
+
+
+class RouteConfig(_Model):
+    """``[[route]]``: which received instances go to which destinations.
+
+    Routes are evaluated in file order; every matching route adds its destinations,
+    and a matching route with ``final = true`` stops the evaluation.
+    """
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    destinations: list[str] = Field(min_length=1)
+    match: dict[str, MatchValue] = {}
+    """All conditions must hold; absent = match everything."""
+    final: bool = False
+    morph: MorphConfig = MorphConfig()
+    """Applied to what this route sends, before the destination's own morph."""
+
+    @field_validator("match")
+    @classmethod
+    def _valid_match(cls, value: dict[str, MatchValue]) -> dict[str, MatchValue]:
+        return _check_match(value)
+
+
 class LoggingConfig(_Model):
     """``[logging]``."""
 
@@ -184,16 +306,31 @@ class GatewayConfig(_Model):
     node: NodeConfig = NodeConfig()
     storage: StorageConfig = StorageConfig()
     calling_ae: tuple[CallingAEConfig, ...] = ()
+    destination: tuple[DestinationConfig, ...] = ()
+    route: tuple[RouteConfig, ...] = ()
     logging: LoggingConfig = LoggingConfig()
 
     @model_validator(mode="after")
-    def _unique_calling_ae(self) -> GatewayConfig:
-        seen: set[str] = set()
-        for entry in self.calling_ae:
-            if entry.ae_title in seen:
-                raise ValueError(f"calling AE title {entry.ae_title!r} is listed twice")
-            seen.add(entry.ae_title)
+    def _consistent(self) -> GatewayConfig:
+        for kind, names in (
+            ("calling AE title", [entry.ae_title for entry in self.calling_ae]),
+            ("destination", [entry.name for entry in self.destination]),
+            ("route", [entry.name for entry in self.route]),
+        ):
+            seen: set[str] = set()
+            for name in names:
+                if name in seen:
+                    raise ValueError(f"{kind} {name!r} is listed twice")
+                seen.add(name)
+        known = {entry.name for entry in self.destination}
+        for route in self.route:
+            for name in route.destinations:
+                if name not in known:
+                    raise ValueError(f"route {route.name!r} names unknown destination {name!r}")
         return self
+
+    def destination_named(self, name: str) -> DestinationConfig | None:
+        return next((entry for entry in self.destination if entry.name == name), None)
 
 
 def _parse_env_value(raw: str) -> Any:

@@ -8,6 +8,7 @@ write the association log.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import tempfile
 import threading
 import time
@@ -65,6 +66,40 @@ def configure_pynetdicom(receive_dir: Path) -> None:
     _dimse_messages.NamedTemporaryFile = _receive_tempfile
 
 
+class PynetdicomContext(logging.Filter):
+    """Gives pynetdicom's own log lines the peer and association they belong to, and
+    drops a line that only repeats the previous one of the same connection (a peer
+    sending garbage makes pynetdicom log one error per PDU it tries to read)."""
+
+    def __init__(self, sessions: dict[Any, _Session]) -> None:
+        super().__init__()
+        self._sessions = sessions
+        self._last: dict[int, str] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith("pynetdicom"):
+            return True
+        thread = threading.current_thread()
+        assoc = thread if hasattr(thread, "requestor") else getattr(thread, "assoc", None)
+        if assoc is None:
+            return True
+        requestor = getattr(assoc, "requestor", None)
+        address = getattr(requestor, "address", None)
+        if address:
+            record.peer_address = address
+        session = self._sessions.get(assoc)
+        if session is not None:
+            record.assoc_id = session.facts.association_id
+        message = record.getMessage()
+        key = id(assoc)
+        if self._last.get(key) == message:
+            return False
+        if len(self._last) > 1000:
+            self._last.clear()
+        self._last[key] = message
+        return True
+
+
 def negotiable_contexts(requested: list[PresentationContext]) -> list[PresentationContext]:
     """Contexts to accept for a request: known storage SOP classes and Verification, with
     the requestor's transfer syntaxes in the requestor's order of preference (so we never
@@ -95,6 +130,9 @@ class _Session:
 
     facts: AssociationFacts
     started: float = field(default_factory=time.monotonic)
+    # Held while the association row is written, so an abort that races the accept
+    # (a peer that connects and drops at once) still closes the row it finds.
+    lock: threading.Lock = field(default_factory=threading.Lock)
     received: int = 0
     failed: int = 0
     duplicates: int = 0
@@ -144,6 +182,7 @@ class Receiver:
         self._lock = threading.Lock()
         self._server: Any = None
         self._ae: Any = None
+        self._log_filter = PynetdicomContext(self._sessions)
 
     # --- lifecycle -----------------------------------------------------------------
 
@@ -171,6 +210,8 @@ class Receiver:
             (evt.EVT_CONN_CLOSE, self._on_connection_closed),
         ]
         self._ae = ae
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(self._log_filter)
         self._server = ae.start_server(
             (self.config.host, self.config.port), block=False, evt_handlers=handlers
         )
@@ -214,6 +255,8 @@ class Receiver:
         for assoc in remaining:
             assoc.join(timeout=max(0.0, give_up - time.monotonic()))
         idle = len(remaining) - aborted
+        for handler in logging.getLogger().handlers:
+            handler.removeFilter(self._log_filter)
         log.info("listener_stopped", aborted=aborted, idle_connections_closed=idle)
 
     # --- association control ---------------------------------------------------------
@@ -302,9 +345,12 @@ class Receiver:
             contexts_accepted=len(accepted),
             contexts_rejected=len(event.assoc.rejected_contexts),
         )
-        session.recorded = self._write_log(
-            lambda c: repository.insert_association(c, session.facts, "established")
-        )
+        with session.lock:
+            if session.finished:
+                return
+            session.recorded = self._write_log(
+                lambda c: repository.insert_association(c, session.facts, "established")
+            )
 
     def _on_released(self, event: Any) -> None:
         self._finish(event.assoc, "released")
@@ -321,9 +367,13 @@ class Receiver:
             _discard_partial_dataset(assoc)
         with self._lock:
             session = self._sessions.pop(assoc, None)
-        if session is None or session.finished:
+        if session is None:
             return
-        session.finished = True
+        with session.lock:
+            if session.finished:
+                return
+            session.finished = True
+            recorded = session.recorded
         duration = time.monotonic() - session.started
         log.info(
             f"association_{outcome}",
@@ -338,7 +388,7 @@ class Receiver:
             duration_s=round(duration, 3),
             detail=detail,
         )
-        if session.recorded:
+        if recorded:
             self._write_log(
                 lambda c: repository.finish_association(
                     c,

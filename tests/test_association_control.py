@@ -132,3 +132,19 @@ def test_logs_carry_no_patient_names_or_ids(node: Node, tmp_path: Path) -> None:
     text_of_logs = repr(logs)
     assert "PHI-ID-424242" not in text_of_logs
     assert "Synthetic" not in text_of_logs
+
+
+def test_associations_dropped_right_after_acceptance_are_closed_in_the_log(node: Node) -> None:
+    for _ in range(5):
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context(Verification)
+        assoc = ae.associate(LOOPBACK, node.receiver.port, ae_title="GATEWAY")
+        assert assoc.is_established
+        assoc.abort()
+
+    def all_closed() -> bool:
+        rows = _association_rows(node)
+        return len(rows) == 5 and all(row["outcome"] == "aborted" for row in rows)
+
+    wait_until(all_closed, 10, message="five aborted association rows")
+    assert all(row["ended_at"] is not None for row in _association_rows(node))

@@ -155,6 +155,58 @@ class Instance(Base):
     upload_attempts: Mapped[int] = mapped_column(default=0)
     next_upload_at: Mapped[dt.datetime | None]
     last_upload_error: Mapped[str | None] = mapped_column(Text)
+    routed: Mapped[bool | None] = mapped_column(Boolean, index=True)
+    """False: no route matched (kept and reported as unrouted). NULL: not evaluated."""
+
+
+class ForwardJob(Base):
+    """The forwarding outbox: one obligation to deliver one instance version to one
+    destination, committed in the same transaction as the instance row.
+
+    ``state``: ``pending`` (due at ``next_attempt_at``), ``in_flight`` (claimed under a
+    lease), ``done``, ``dead`` (dead letter, see ``dead_reason``), ``superseded`` (a newer
+    version of the instance replaced it before it was sent) or ``cancelled``.
+    """
+
+    __tablename__ = "forward_job"
+    __table_args__ = (
+        UniqueConstraint("instance_pk", "destination"),
+        Index("ix_forward_job_queue", "destination", "state", "next_attempt_at"),
+        Index("ix_forward_job_study", "study_instance_uid", "destination"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    instance_pk: Mapped[int] = mapped_column(ForeignKey("instance.id"), index=True)
+    destination: Mapped[str]
+    route: Mapped[str]
+    study_instance_uid: Mapped[str]
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    attempts: Mapped[int] = mapped_column(default=0)
+    created_at: Mapped[dt.datetime]
+    updated_at: Mapped[dt.datetime]
+    next_attempt_at: Mapped[dt.datetime | None]
+    completed_at: Mapped[dt.datetime | None]
+    lease_owner: Mapped[str | None]
+    lease_expires_at: Mapped[dt.datetime | None]
+    last_status: Mapped[int | None]
+    last_error: Mapped[str | None] = mapped_column(Text)
+    warning: Mapped[str | None] = mapped_column(Text)
+    dead_reason: Mapped[str | None] = mapped_column(Text)
+
+
+class ForwardAttempt(Base):
+    """Every try of a forward job: when, what came back, and why it failed."""
+
+    __tablename__ = "forward_attempt"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    job_pk: Mapped[int] = mapped_column(ForeignKey("forward_job.id"), index=True)
+    attempted_at: Mapped[dt.datetime]
+    outcome: Mapped[str] = mapped_column(String(16))
+    """``success``, ``warning``, ``transient`` or ``permanent``."""
+    status: Mapped[int | None]
+    error: Mapped[str | None] = mapped_column(Text)
+    forward_association_id: Mapped[str | None] = mapped_column(String(36))
 
 
 class Association(Base):
