@@ -106,6 +106,35 @@ def decide(request: AssociationRequest, policy: AcceptancePolicy) -> Rejection |
     return None
 
 
+_REJECT_REASONS = {
+    (1, 1): "no reason given",
+    (1, 2): "application context name not supported",
+    (1, 3): "calling AE title not recognised",
+    (1, 7): "called AE title not recognised",
+    (2, 1): "no reason given",
+    (2, 2): "protocol version not supported",
+    (3, 1): "temporary congestion",
+    (3, 2): "local limit exceeded",
+}
+
+
+def describe_rejection(result: int, source: int, diagnostic: int) -> str:
+    """An A-ASSOCIATE-RJ in words, e.g. ``permanent, calling AE title not recognised``."""
+    kind = "permanent" if result == RESULT_PERMANENT else "transient"
+    words = _REJECT_REASONS.get((source, diagnostic), f"source {source}, reason {diagnostic}")
+    return f"{kind}, {words}"
+
+
+def spool_full() -> Rejection:
+    """The rejection while the spool has less free space than configured."""
+    return Rejection(
+        RESULT_TRANSIENT,
+        SOURCE_SERVICE_PROVIDER_PRESENTATION,
+        DIAG_TEMPORARY_CONGESTION,
+        "spool disk below its free-space threshold",
+    )
+
+
 def too_many_associations(limit: int) -> Rejection:
     """The rejection for an association beyond ``[node] max_associations``."""
     return Rejection(

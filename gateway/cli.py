@@ -90,6 +90,7 @@ def cmd_echo(args: argparse.Namespace) -> int:
     from pynetdicom import AE
     from pynetdicom.sop_class import Verification
 
+    from gateway.acceptance import describe_rejection
     from gateway.logs import configure_logging
 
     configure_logging(LoggingConfig(format="console", level="error"))
@@ -106,7 +107,9 @@ def cmd_echo(args: argparse.Namespace) -> int:
     if not assoc.is_established:
         reason = "no association (nobody listening, or the connection was dropped)"
         if assoc.is_rejected and assoc.acceptor.primitive is not None:
-            reason = f"association rejected: {describe_rejection(assoc.acceptor.primitive)}"
+            rj = assoc.acceptor.primitive
+            words = describe_rejection(int(rj.result), int(rj.result_source), int(rj.diagnostic))
+            reason = f"association rejected: {words}"
         print(f"C-ECHO {args.peer}: FAILED, {reason}", file=sys.stderr)
         return EXIT_FAILURE
     status = assoc.send_c_echo()
@@ -117,28 +120,6 @@ def cmd_echo(args: argparse.Namespace) -> int:
     shown = f"0x{int(status.Status):04X}" if status else "no response"
     print(f"C-ECHO {args.peer}: FAILED, status {shown}", file=sys.stderr)
     return EXIT_FAILURE
-
-
-_REJECT_REASONS = {
-    (1, 1): "no reason given",
-    (1, 2): "application context name not supported",
-    (1, 3): "calling AE title not recognised (is our AE title configured at the peer?)",
-    (1, 7): "called AE title not recognised (check the peer's AE title)",
-    (2, 1): "no reason given",
-    (2, 2): "protocol version not supported",
-    (3, 1): "temporary congestion",
-    (3, 2): "local limit exceeded (too many associations)",
-}
-
-
-def describe_rejection(primitive: object) -> str:
-    """An A-ASSOCIATE-RJ in words (PS3.8 Table 9-21)."""
-    result = int(getattr(primitive, "result", 0))
-    source = int(getattr(primitive, "result_source", 0))
-    diagnostic = int(getattr(primitive, "diagnostic", 0))
-    kind = "permanent" if result == 1 else "transient"
-    words = _REJECT_REASONS.get((source, diagnostic), f"source {source}, reason {diagnostic}")
-    return f"{kind}, {words}"
 
 
 def _hide_password(url: str) -> str:

@@ -70,8 +70,9 @@ class NodeConfig(_Model):
     """Accept associations from calling AE titles not listed in ``[[calling_ae]]``."""
     max_associations: int = Field(default=32, ge=1, le=1000)
     """Concurrent inbound associations; more are rejected as transient (local limit)."""
-    max_pdu_length: int = Field(default=0, ge=0)
-    """Largest PDU we accept, in bytes; 0 means unlimited (fewest round trips)."""
+    max_pdu_length: int = Field(default=262144, ge=4096, le=16 * 1024 * 1024)
+    """Largest PDU we accept, in bytes. Each PDU is held in memory while it is read, so
+    this bounds memory per association; PDUs announced larger than this are refused."""
     acse_timeout: float = Field(default=30.0, gt=0)
     """Seconds to wait for association negotiation messages."""
     dimse_timeout: float = Field(default=60.0, gt=0)
@@ -260,8 +261,8 @@ class DestinationConfig(_Model):
     """Instances (of one study) sent over one association before it is released."""
     timeout: float = Field(default=30.0, gt=0)
     """Seconds for connecting, association negotiation and each response."""
-    max_pdu_length: int = Field(default=0, ge=0)
-    """Largest PDU we accept from it; 0 = unlimited."""
+    max_pdu_length: int = Field(default=262144, ge=4096, le=16 * 1024 * 1024)
+    """Largest PDU we accept from it, in bytes."""
     decompress: bool = True
     """When it accepts none of an instance's stored transfer syntax, decompress to explicit
     VR little endian (never to a lossy syntax). Off: such instances become dead letters."""

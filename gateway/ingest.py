@@ -12,13 +12,13 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import mmap
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
 from io import BufferedReader
 from pathlib import Path
 
 from sqlalchemy import Engine
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
 
 from gateway.dicom.attributes import (
     INDEXED_TAGS,
@@ -26,12 +26,13 @@ from gateway.dicom.attributes import (
     InvalidInstanceError,
     extract_attributes,
 )
-from gateway.dicom.header import HeaderError, read_file_meta, read_header
+from gateway.dicom.header import Header, HeaderError, read_file_meta, read_header
 from gateway.dicom.transfer_syntax import dataset_encoding
 from gateway.index import repository
 from gateway.index.database import describe_error
 from gateway.index.repository import InstanceRecord, RecordOutcome
 from gateway.logs import get_logger
+from gateway.routing import RoutingDecision
 from gateway.spool import Spool, SpoolError
 from gateway.status import Status
 
@@ -57,6 +58,11 @@ class Sender:
     calling_ae: str
     called_ae: str
     association_id: str | None
+    peer_address: str = ""
+
+
+Router = Callable[[Header, Sender], RoutingDecision]
+"""Decides an instance's destinations from its header and the association."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,10 +75,15 @@ class StoreResult:
     size: int = 0
     version: int = 0
     attributes: InstanceAttributes | None = None
+    destinations: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
         return self.status == Status.SUCCESS
+
+
+class _CommitUncertainError(Exception):
+    """COMMIT failed: the transaction may or may not have been applied."""
 
 
 class _RefusedError(Exception):
@@ -95,21 +106,24 @@ class Ingestor:
         spool: Spool,
         node_name: str,
         *,
+        router: Router | None = None,
         extra_tags: Iterable[int] = (),
-        on_stored: Callable[[], None] | None = None,
+        on_stored: Callable[[Mapping[str, str]], None] | None = None,
         clock: Callable[[], dt.datetime] = _utcnow,
     ) -> None:
         self.engine = engine
         self.spool = spool
         self.node_name = node_name
+        self.router = router
         self.header_tags = INDEXED_TAGS | frozenset(extra_tags)
-        self.on_stored = on_stored or (lambda: None)
+        self.on_stored = on_stored or (lambda destinations: None)
         self.clock = clock
 
     def store(self, received: ReceivedInstance, sender: Sender) -> StoreResult:
         """Make *received* durable and indexed; return the C-STORE status to send."""
         try:
             record = self._read(received, sender)
+            self._check_room()
         except _RefusedError as refusal:
             self.spool.discard_received(received.path)
             return StoreResult(refusal.status, error_comment=refusal.comment)
@@ -117,48 +131,85 @@ class Ingestor:
             self.spool.discard_received(received.path)
             log.error("spool_read_failed", error=str(exc))
             return StoreResult(Status.OUT_OF_RESOURCES, error_comment="spool read failed")
-
-        if not self.spool.has_room():
-            self.spool.discard_received(received.path)
-            log.error("spool_full", spool_dir=str(self.spool.root))
-            return StoreResult(Status.OUT_OF_RESOURCES, error_comment="spool disk is full")
         try:
             spool_name = self.spool.persist(received.path)
         except SpoolError as exc:
             log.error("spool_write_failed", error=str(exc))
             return StoreResult(Status.OUT_OF_RESOURCES, error_comment="spool write failed")
+        return self._index(replace(record, spool_name=spool_name))
 
-        record = replace(record, spool_name=spool_name)
+    def _check_room(self) -> None:
+        if not self.spool.has_room():
+            log.error("spool_full", spool_dir=str(self.spool.root))
+            raise _RefusedError(Status.OUT_OF_RESOURCES, "spool disk is full")
+
+    def _index(self, record: InstanceRecord) -> StoreResult:
+        """Commit the index row of a durable spool file; Success only when committed."""
+        spool_name = record.spool_name
         try:
             result = self._commit(record)
+        except _CommitUncertainError as exc:
+            # The COMMIT itself failed: it may have reached the database. Keep the file;
+            # a re-send adopts it, and the next start-up sets it aside if unreferenced.
+            log.error("index_commit_uncertain", error=describe_error(exc.__cause__ or exc))
+            return StoreResult(Status.OUT_OF_RESOURCES, error_comment="index database unavailable")
+        except DataError as exc:
+            self.spool.discard(spool_name)
+            log.warning("index_refused_values", error=describe_error(exc))
+            return StoreResult(
+                Status.CANNOT_UNDERSTAND, error_comment="attribute values cannot be indexed"
+            )
         except SQLAlchemyError as exc:
             self.spool.discard(spool_name)
             log.error("index_write_failed", error=describe_error(exc))
             return StoreResult(Status.OUT_OF_RESOURCES, error_comment="index database unavailable")
 
-        if result.outcome is RecordOutcome.DUPLICATE:
-            self.spool.discard(spool_name)
+        destinations: Mapping[str, str] = {}
+        if result.outcome is not RecordOutcome.DUPLICATE:
+            destinations = record.destinations
+            self.on_stored(destinations)
+        elif result.spool_file_adopted:
+            log.warning("spool_file_restored", sop_instance_uid=record.attributes.sop_instance_uid)
+            self.on_stored({})
         else:
-            self.on_stored()
+            self.spool.discard(spool_name)
         return StoreResult(
             Status.SUCCESS,
             outcome=result.outcome,
             size=record.size,
             version=result.version,
             attributes=record.attributes,
+            destinations=destinations,
         )
 
     def _commit(self, record: InstanceRecord) -> repository.RecordResult:
-        # A concurrent association may insert the same new SOP instance between our
-        # check and our insert (PostgreSQL); the unique index stops it and the retry
-        # sees the other row as current.
+        """Record the instance in one transaction.
+
+        Failures before COMMIT leave nothing behind; a failing COMMIT raises
+        :class:`_CommitUncertainError` because it may have been applied. A concurrent
+        association may insert the same new SOP instance between our check and our
+        insert (PostgreSQL): the unique index stops it and the retry sees its row.
+        """
         for attempt in range(3):
-            try:
-                with self.engine.begin() as connection:
-                    return repository.record_instance(connection, record)
-            except IntegrityError:
-                if attempt == 2:
+            with self.engine.connect() as connection:
+                transaction = connection.begin()
+                try:
+                    result = repository.record_instance(
+                        connection, record, lambda name: self.spool.path(name).exists()
+                    )
+                except IntegrityError:
+                    transaction.rollback()
+                    if attempt == 2:
+                        raise
+                    continue
+                except BaseException:
+                    transaction.rollback()
                     raise
+                try:
+                    transaction.commit()
+                except SQLAlchemyError as exc:
+                    raise _CommitUncertainError from exc
+                return result
         raise AssertionError("unreachable")
 
     def _read(self, received: ReceivedInstance, sender: Sender) -> InstanceRecord:
@@ -181,6 +232,7 @@ class Ingestor:
                 if offset >= size:
                     raise _RefusedError(Status.CANNOT_UNDERSTAND, "empty dataset")
                 _check_matches_request(attributes, received)
+                decision = self.router(header, sender) if self.router else None
             digest = _sha256_from(stream, offset)
         return InstanceRecord(
             attributes=attributes,
@@ -194,6 +246,8 @@ class Ingestor:
             called_ae=sender.called_ae,
             association_id=sender.association_id,
             received_at=self.clock(),
+            destinations=dict(decision.destinations) if decision else {},
+            routed=not decision.unrouted if decision else None,
         )
 
 

@@ -72,7 +72,11 @@ def configure_logging(
     renderer: Any
     if as_json:
         renderer = structlog.processors.JSONRenderer()
-        final = [structlog.processors.dict_tracebacks, renderer]
+        # Frame locals can hold raw header values (PHI): tracebacks without them.
+        tracebacks = structlog.processors.ExceptionRenderer(
+            structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+        )
+        final = [tracebacks, renderer]
     else:
         renderer = structlog.dev.ConsoleRenderer(colors=stream.isatty())
         final = [renderer]

@@ -9,8 +9,8 @@ from __future__ import annotations
 import datetime as dt
 import signal
 import threading
-import uuid
-from pathlib import Path
+import time
+from collections.abc import Mapping
 from types import FrameType
 
 from sqlalchemy import Engine
@@ -19,37 +19,30 @@ from sqlalchemy.exc import SQLAlchemyError
 from gateway import systemd
 from gateway.acceptance import AcceptancePolicy
 from gateway.config import GatewayConfig
+from gateway.forwarder import Forwarder, ForwardSettings
 from gateway.index import repository
 from gateway.index.database import describe_error, make_engine, migrate
 from gateway.ingest import Ingestor
 from gateway.logs import get_logger
 from gateway.objectstore import ObjectStore, ObjectStoreError, open_object_store
 from gateway.receiver import Receiver
-from gateway.spool import Spool
+from gateway.routing import compile_rules, header_tags, make_router
+from gateway.spool import Spool, SpoolError, SpoolInUseError
 from gateway.uploader import Uploader
 
 log = get_logger(__name__)
 
 
+# Unreferenced spool files are kept this long before they are deleted.
+ORPHAN_RETENTION_SECONDS = 7 * 24 * 3600
+MAINTENANCE_SECONDS = 10.0
+INCOMING_SWEEP_SECONDS = 300.0
+# A partial reception idle this long belongs to no live association.
+INCOMING_STALE_SECONDS = 3600.0
+
+
 class StartupError(Exception):
     """The node cannot start; the message says what to fix."""
-
-
-def node_identity(spool_dir: Path) -> str:
-    """A stable identity for this node's spool, created on first start.
-
-    Rows in a shared database record which spool holds them, so each node uploads only
-    its own files. It lives with the spool (not the host name), so it survives
-    container re-creation and host renames.
-    """
-    spool_dir.mkdir(parents=True, exist_ok=True)
-    path = spool_dir / "node-id"
-    try:
-        return path.read_text(encoding="ascii").strip()
-    except FileNotFoundError:
-        identity = f"node-{uuid.uuid4().hex[:12]}"
-        path.write_text(identity + "\n", encoding="ascii")
-        return identity
 
 
 class Node:
@@ -57,11 +50,16 @@ class Node:
 
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
-        self.name = node_identity(config.storage.spool_dir)
+        self.spool = Spool(config.storage.spool_dir, config.storage.min_free_bytes)
+        try:
+            self.spool.lock()
+            self.name = self.spool.identity()
+        except (SpoolInUseError, SpoolError) as exc:
+            self.spool.close()
+            raise StartupError(str(exc)) from exc
         self.engine: Engine = make_engine(
             config.storage.database, timeout=config.storage.database_timeout
         )
-        self.spool = Spool(config.storage.spool_dir, config.storage.min_free_bytes)
         self.store: ObjectStore = open_object_store(config.storage)
         self.uploader = Uploader(
             self.engine,
@@ -71,16 +69,41 @@ class Node:
             workers=config.storage.upload_workers,
             retry=config.storage.upload_retry,
         )
-        self.ingestor = Ingestor(self.engine, self.spool, self.name, on_stored=self.uploader.wake)
+        rules = compile_rules(config.route)
+        self.forwarder = Forwarder(
+            list(config.destination),
+            ForwardSettings(
+                engine=self.engine,
+                spool=self.spool,
+                store=self.store,
+                node_name=self.name,
+                calling_ae_title=config.node.ae_title,
+                route_morphs={rule.name: rule.morph for rule in rules},
+            ),
+        )
+        self.ingestor = Ingestor(
+            self.engine,
+            self.spool,
+            self.name,
+            router=make_router(rules),
+            extra_tags=header_tags(rules),
+            on_stored=self._on_stored,
+        )
         policy = AcceptancePolicy.build(
             config.node.ae_title, config.node.accept_unknown_calling_ae, config.calling_ae
         )
         self.receiver = Receiver(config.node, policy, self.ingestor, self.engine, self.name)
         self._stop_requested = threading.Event()
         self._stopped = False
+        self._maintenance = threading.Thread(target=self._maintain, name="maintenance", daemon=True)
+
+    def _on_stored(self, destinations: Mapping[str, str]) -> None:
+        self.uploader.wake()
+        if destinations:
+            self.forwarder.wake(destinations)
 
     def start(self) -> None:
-        """Migrate, recover, then start uploading and listening."""
+        """Migrate, recover, then start uploading, forwarding and listening."""
         try:
             migrate(self.engine)
         except SQLAlchemyError as exc:
@@ -91,14 +114,34 @@ class Node:
             log.warning("object_store_unavailable_at_start", error=str(exc))
         self.recover()
         self.uploader.start()
+        self.forwarder.start()
         try:
             self.receiver.start()
         except OSError as exc:
+            self.forwarder.stop()
             self.uploader.stop()
             address = f"{self.config.node.host}:{self.config.node.port}"
             raise StartupError(f"cannot listen on {address}: {exc.strerror}") from exc
+        self._maintenance.start()
         systemd.notify("READY=1")
         log.info("node_started", node=self.name, store=self.store.description)
+
+    def _maintain(self) -> None:
+        """Periodic housekeeping while the node runs."""
+        last_sweep = time.monotonic()
+        while not self._stop_requested.wait(MAINTENANCE_SECONDS):
+            try:
+                reaped = self.receiver.reap()
+                if reaped:
+                    log.warning("associations_reaped", count=reaped)
+                if time.monotonic() - last_sweep > INCOMING_SWEEP_SECONDS:
+                    last_sweep = time.monotonic()
+                    removed = self.spool.clear_incoming(older_than=INCOMING_STALE_SECONDS)
+                    removed += self.spool.sweep_orphaned(ORPHAN_RETENTION_SECONDS)
+                    if removed:
+                        log.info("spool_swept", removed=removed)
+            except Exception:
+                log.exception("maintenance_failed")
 
     def recover(self) -> None:
         """Account for a previous run that stopped abruptly (kill -9, power loss)."""
@@ -108,18 +151,24 @@ class Node:
             interrupted = repository.mark_interrupted_associations(connection, self.name, now)
             referenced = repository.spooled_names(connection, self.name)
         on_disk = self.spool.ready_names()
-        # In ready/ but not in the index: the commit never happened, so it was never
-        # acknowledged; the sender still has it and will send it again.
+        # In ready/ but not in the index: normally a commit that never happened (so never
+        # acknowledged; the sender sends it again), but also what a database restored
+        # from an older backup looks like. Kept aside, never deleted here.
         orphans = on_disk - referenced
         for name in orphans:
-            self.spool.discard(name)
+            self.spool.quarantine(name)
+        if orphans:
+            log.warning("spool_files_unreferenced", count=len(orphans),
+                        moved_to=str(self.spool.orphaned))
+        swept = self.spool.sweep_orphaned(ORPHAN_RETENTION_SECONDS)
         missing = referenced - on_disk
         if missing:
             log.critical("spool_files_missing", count=len(missing))
         log.info(
             "recovery_done",
             partial_receptions_removed=partial,
-            unacknowledged_spool_files_removed=len(orphans),
+            unreferenced_spool_files_quarantined=len(orphans),
+            quarantined_files_expired=swept,
             interrupted_associations=interrupted,
             pending_uploads=len(referenced),
         )
@@ -129,9 +178,11 @@ class Node:
         if self._stopped:
             return
         self._stopped = True
+        self._stop_requested.set()
         systemd.notify("STOPPING=1")
         log.info("node_stopping")
         self.receiver.stop(self.config.node.stop_timeout)
+        self.forwarder.stop()
         self.uploader.stop()
         self.engine.dispose()
         self.spool.close()

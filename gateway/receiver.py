@@ -15,7 +15,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import structlog
 from pydicom.dataset import Dataset
@@ -23,11 +23,19 @@ from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
 from pynetdicom import dimse_messages as _dimse_messages
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification
+from pynetdicom.transport import AssociationSocket
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from gateway import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
-from gateway.acceptance import AcceptancePolicy, AssociationRequest, Rejection, decide
+from gateway.acceptance import (
+    AcceptancePolicy,
+    AssociationRequest,
+    Rejection,
+    decide,
+    spool_full,
+    too_many_associations,
+)
 from gateway.config import NodeConfig
 from gateway.dicom.transfer_syntax import ACCEPTED_TRANSFER_SYNTAXES
 from gateway.index import repository
@@ -54,10 +62,27 @@ def _receive_tempfile(*args: Any, **kwargs: Any) -> Any:
     return tempfile.NamedTemporaryFile(*args, **kwargs)
 
 
-def configure_pynetdicom(receive_dir: Path) -> None:
+_max_pdu_read = 16 * 1024 * 1024 + 6
+_original_recv = AssociationSocket.recv
+
+
+def _bounded_recv(self: AssociationSocket, nr_bytes: int) -> bytearray:
+    # pynetdicom reads a whole PDU into memory with the length the peer announces and
+    # does not check it against the maximum it advertised. A longer announcement is
+    # treated as a broken connection (the association is aborted) instead.
+    if nr_bytes > _max_pdu_read:
+        raise OSError(f"peer announced a {nr_bytes}-byte PDU, above the accepted maximum")
+    return cast(bytearray, _original_recv(self, nr_bytes))
+
+
+def configure_pynetdicom(receive_dir: Path, max_pdu_length: int) -> None:
     """Process-wide pynetdicom settings the receive path relies on."""
-    global _receive_dir  # noqa: PLW0603 - pynetdicom's own settings are process-wide too
+    global _receive_dir, _max_pdu_read  # noqa: PLW0603 - pynetdicom's settings are process-wide
     _receive_dir = receive_dir
+    # Our peers may round up or use a larger PDU than announced by a few bytes; anything
+    # beyond twice the maximum is not a DICOM peer doing its job.
+    _max_pdu_read = max(_max_pdu_read, 2 * max_pdu_length)
+    AssociationSocket.recv = _bounded_recv
     # Stream each dataset to a file as it arrives: memory does not grow with its size.
     _config.STORE_RECV_CHUNKED_DATASET = True
     _config.STORE_SEND_CHUNKED_DATASET = True
@@ -137,6 +162,7 @@ class _Session:
     failed: int = 0
     duplicates: int = 0
     new_versions: int = 0
+    unrouted: int = 0
     bytes: int = 0
     recorded: bool = False
     finished: bool = False
@@ -149,8 +175,11 @@ class _Session:
         self.bytes += result.size
         if result.outcome is RecordOutcome.DUPLICATE:
             self.duplicates += 1
-        elif result.outcome is RecordOutcome.NEW_VERSION:
+            return
+        if result.outcome is RecordOutcome.NEW_VERSION:
             self.new_versions += 1
+        if not result.destinations:
+            self.unrouted += 1
 
     def totals(self) -> AssociationTotals:
         return AssociationTotals(
@@ -188,7 +217,7 @@ class Receiver:
 
     def start(self) -> None:
         """Bind the port and start accepting associations (returns immediately)."""
-        configure_pynetdicom(self.ingestor.spool.incoming)
+        configure_pynetdicom(self.ingestor.spool.incoming, self.config.max_pdu_length)
         ae = AE(ae_title=self.config.ae_title)
         ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
         ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
@@ -226,6 +255,15 @@ class Receiver:
     def port(self) -> int:
         """The bound TCP port (useful when configured as 0)."""
         return int(self._server.server_address[1]) if self._server else self.config.port
+
+    def reap(self) -> int:
+        """Finish sessions whose association thread died without telling us (e.g. an I/O
+        error inside pynetdicom's reader), removing their partial files."""
+        with self._lock:
+            dead = [assoc for assoc in self._sessions if not assoc.is_alive()]
+        for assoc in dead:
+            self._finish(assoc, "aborted", detail="association thread ended unexpectedly")
+        return len(dead)
 
     def active_associations(self) -> int:
         return len(self._server.active_associations) if self._server else 0
@@ -293,6 +331,9 @@ class Receiver:
         rejection = decide(
             AssociationRequest(facts.calling_ae, facts.called_ae, facts.peer_address), self.policy
         )
+        if rejection is None and not self.ingestor.spool.has_room():
+            # Refuse before any data arrives: a full disk mid-dataset cannot be answered.
+            rejection = spool_full()
         if rejection is not None:
             assoc.acse.send_reject(rejection.result, rejection.source, rejection.diagnostic)
             self._record_rejection(session, rejection)
@@ -305,16 +346,9 @@ class Receiver:
     def _on_rejected_by_provider(self, event: Any) -> None:
         # pynetdicom itself rejects when max_associations is exceeded.
         session = self._sessions.get(event.assoc)
-        primitive = event.assoc.acceptor.primitive
-        if session is None or primitive is None:
+        if session is None:
             return
-        rejection = Rejection(
-            int(primitive.result),
-            int(primitive.result_source),
-            int(primitive.diagnostic),
-            f"more than {self.config.max_associations} concurrent associations",
-        )
-        self._record_rejection(session, rejection)
+        self._record_rejection(session, too_many_associations(self.config.max_associations))
 
     def _record_rejection(self, session: _Session, rejection: Rejection) -> None:
         session.finished = True
@@ -384,6 +418,7 @@ class Receiver:
             failed=session.failed,
             duplicates=session.duplicates,
             new_versions=session.new_versions,
+            unrouted=session.unrouted,
             bytes=session.bytes,
             duration_s=round(duration, 3),
             detail=detail,
@@ -433,13 +468,14 @@ class Receiver:
             calling_ae=facts.calling_ae if facts else "",
             called_ae=facts.called_ae if facts else self.config.ae_title,
             association_id=facts.association_id if facts else None,
+            peer_address=facts.peer_address if facts else "",
         )
         try:
             result = self.ingestor.store(received, sender)
         except Exception:
             log.exception("c_store_internal_error", sop_instance_uid=sop_instance_uid)
             self.ingestor.spool.discard_received(received.path)
-            result = StoreResult(Status.OUT_OF_RESOURCES, error_comment="internal error")
+            result = StoreResult(Status.PROCESSING_FAILURE, error_comment="internal error")
         if session is not None:
             session.count(result)
         _log_store(result, sop_instance_uid)
@@ -469,7 +505,12 @@ def _log_store(result: StoreResult, sop_instance_uid: str) -> None:
     elif result.outcome is RecordOutcome.DUPLICATE:
         log.info("instance_duplicate", sop_instance_uid=sop_instance_uid)
     else:
-        log.debug("instance_stored", sop_instance_uid=sop_instance_uid, bytes=result.size)
+        log.debug(
+            "instance_stored",
+            sop_instance_uid=sop_instance_uid,
+            bytes=result.size,
+            destinations=sorted(result.destinations) or None,
+        )
 
 
 def _status_dataset(status: Status, comment: str) -> Dataset:

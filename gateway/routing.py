@@ -11,12 +11,14 @@ from __future__ import annotations
 import fnmatch
 import ipaddress
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from pydicom.datadict import tag_for_keyword
 
 from gateway.config import ASSOCIATION_MATCH_KEYS, MatchValue, MorphConfig, RouteConfig
+from gateway.dicom.header import Header
 
 Values = tuple[str, ...]
 
@@ -136,3 +138,25 @@ def association_facts(calling_ae: str, called_ae: str, source_address: str) -> d
         "called_ae": (called_ae,),
         "source_address": (source_address,),
     }
+
+
+def header_facts(header: Header, keywords: Iterable[str]) -> dict[str, Values]:
+    """The values of *keywords* in *header*, for :func:`decide`."""
+    facts: dict[str, Values] = {}
+    for keyword in keywords:
+        tag = tag_for_keyword(keyword)
+        if tag is not None:
+            facts[keyword] = header.values(int(tag))
+    return facts
+
+
+def make_router(rules: Sequence[Rule]) -> Callable[[Header, Any], RoutingDecision]:
+    """The ingest router for *rules*: header and sender in, decision out."""
+    keywords = header_keywords(rules)
+
+    def route(header: Header, sender: Any) -> RoutingDecision:
+        facts = association_facts(sender.calling_ae, sender.called_ae, sender.peer_address)
+        facts.update(header_facts(header, keywords))
+        return decide(facts, rules)
+
+    return route

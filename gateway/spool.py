@@ -6,11 +6,17 @@ Layout under ``spool_dir``:
   start-up and stale files are swept while running.
 - ``ready/``: fsync'ed instances (file and directory entry) named ``<uuid>.dcm``,
   referenced by an index row until the object store has them.
+- ``orphaned/``: files found in ``ready/`` at start-up that no index row references (a
+  commit that never happened, or a database restored from an older backup). They are
+  kept, not deleted, for ``orphan_retention`` and then removed.
+- ``node-id``: this spool's identity in a shared database; ``lock``: held while a node
+  runs on this spool, so two processes can never share it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 import time
@@ -26,6 +32,18 @@ class SpoolError(OSError):
     """The spool cannot take the instance (disk full, I/O error, ...)."""
 
 
+class SpoolInUseError(Exception):
+    """Another process runs a node on this spool."""
+
+
+def _fsync_directory(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class Spool:
     """Durable local staging of received instances."""
 
@@ -33,16 +51,56 @@ class Spool:
         self.root = root.resolve()
         self.incoming = self.root / "incoming"
         self.ready = self.root / "ready"
+        self.orphaned = self.root / "orphaned"
         self.min_free_bytes = min_free_bytes
-        self.incoming.mkdir(parents=True, exist_ok=True)
-        self.ready.mkdir(parents=True, exist_ok=True)
+        for directory in (self.incoming, self.ready, self.orphaned):
+            directory.mkdir(parents=True, exist_ok=True)
         self._ready_fd = os.open(self.ready, os.O_RDONLY | os.O_DIRECTORY)
+        self._lock_fd: int | None = None
         self._free_checked_at = 0.0
         self._free_ok = True
+
+    def lock(self) -> None:
+        """Claim the spool for this process; raise :class:`SpoolInUseError` if taken."""
+        fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            message = f"{self.root} is in use by another dicom-gateway process"
+            raise SpoolInUseError(message) from None
+        self._lock_fd = fd
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
             os.close(self._ready_fd)
+        if self._lock_fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def identity(self) -> str:
+        """This spool's stable identity, created (durably) on first start.
+
+        Index rows in a shared database record which spool holds them, so each node
+        uploads only its own files. It lives with the spool, not the host name, so it
+        survives container re-creation and host renames.
+        """
+        path = self.root / "node-id"
+        if path.exists():
+            identity = path.read_text(encoding="ascii").strip()
+            if not identity:
+                raise SpoolError(0, f"{path} is empty; restore it (see its backup) or remove it")
+            return identity
+        identity = f"node-{uuid.uuid4().hex[:12]}"
+        staged = self.root / f"node-id.{uuid.uuid4().hex}"
+        with staged.open("w", encoding="ascii") as stream:
+            stream.write(identity + "\n")
+            stream.flush()
+            os.fsync(stream.fileno())
+        staged.rename(path)
+        _fsync_directory(self.root)
+        return identity
 
     def path(self, name: str) -> Path:
         """Path of a ready spool file."""
@@ -108,3 +166,19 @@ class Spool:
     def ready_names(self) -> set[str]:
         """Names of all files in ``ready/``."""
         return {entry.name for entry in os.scandir(self.ready) if entry.name.endswith(".dcm")}
+
+    def quarantine(self, name: str) -> None:
+        """Move an unreferenced ready file aside instead of deleting it."""
+        with contextlib.suppress(FileNotFoundError):
+            (self.ready / name).rename(self.orphaned / name)
+
+    def sweep_orphaned(self, older_than: float) -> int:
+        """Delete quarantined files older than *older_than* seconds."""
+        removed = 0
+        cutoff = time.time() - older_than
+        for entry in os.scandir(self.orphaned):
+            with contextlib.suppress(FileNotFoundError):
+                if entry.stat().st_mtime < cutoff:
+                    Path(entry.path).unlink()
+                    removed += 1
+        return removed

@@ -23,14 +23,18 @@ from gateway.config import RetryConfig
 from gateway.index import repository
 from gateway.index.database import describe_error
 from gateway.logs import get_logger
-from gateway.objectstore import ExpectedContent, ObjectStore, ObjectStoreError, object_key
+from gateway.objectstore import (
+    ExpectedContent,
+    ObjectStore,
+    ObjectStoreError,
+    ObjectVerificationError,
+    object_key,
+)
 from gateway.spool import Spool
 
 log = get_logger(__name__)
 
 _IDLE_POLL_SECONDS = 1.0
-_INCOMING_SWEEP_SECONDS = 300.0
-_INCOMING_STALE_SECONDS = 3600.0
 
 
 def _utcnow() -> dt.datetime:
@@ -89,15 +93,11 @@ class Uploader:
     # --- loop --------------------------------------------------------------------------
 
     def _run(self) -> None:
-        last_sweep = time.monotonic()
         while not self._stopping.is_set():
             pause = self._paused_until - time.monotonic()
             if pause > 0:
                 self._stopping.wait(pause)
                 continue
-            if time.monotonic() - last_sweep > _INCOMING_SWEEP_SECONDS:
-                self._sweep_incoming()
-                last_sweep = time.monotonic()
             claimed = self._claim()
             self._wake.wait(_IDLE_POLL_SECONDS if not claimed else 0.2)
             self._wake.clear()
@@ -122,11 +122,6 @@ class Uploader:
                 self._in_flight.add(row.id)
             self._pool.submit(self._upload, row)
         return len(rows)
-
-    def _sweep_incoming(self) -> None:
-        removed = self.spool.clear_incoming(older_than=_INCOMING_STALE_SECONDS)
-        if removed:
-            log.info("spool_incoming_swept", removed=removed)
 
     # --- one upload ----------------------------------------------------------------------
 
@@ -154,6 +149,11 @@ class Uploader:
         expected = ExpectedContent(row.size, row.dataset_offset, row.sha256)
         try:
             self.store.put_file(key, path, expected)
+        except ObjectVerificationError as exc:
+            # This object's bytes, not the store, are the problem: retry it alone.
+            log.error("upload_verification_failed", instance_pk=row.id, error=str(exc)[:300])
+            self._record_failure(row, str(exc))
+            return
         except ObjectStoreError as exc:
             self._on_store_failure(row, exc)
             return
@@ -167,24 +167,26 @@ class Uploader:
             return
         if stored:
             self.spool.discard(row.spool_name)
-            self.uploaded += 1
-        if self._outage_failures:
+        with self._lock:
+            if stored:
+                self.uploaded += 1
+            recovered, self._outage_failures = self._outage_failures > 0, 0
+        if recovered:
             log.info("object_store_recovered", store=self.store.description)
-            self._outage_failures = 0
         log.debug("instance_uploaded", sop_instance_uid=row.sop_instance_uid, object_key=key)
 
     def _on_store_failure(self, row: Any, exc: ObjectStoreError) -> None:
-        self._outage_failures += 1
-        delay = retry_delay(
-            self._outage_failures, self.retry.initial_seconds, self.retry.max_seconds
-        )
-        self._paused_until = time.monotonic() + delay
-        level = log.warning if self._outage_failures <= 3 else log.debug
+        with self._lock:
+            self._outage_failures += 1
+            failures = self._outage_failures
+            delay = retry_delay(failures, self.retry.initial_seconds, self.retry.max_seconds)
+            self._paused_until = time.monotonic() + delay
+        level = log.warning if failures <= 3 else log.debug
         level(
             "upload_failed",
             store=self.store.description,
             error=str(exc)[:300],
-            consecutive_failures=self._outage_failures,
+            consecutive_failures=failures,
             retry_in_s=round(delay, 2),
         )
         self._record_failure(row, str(exc), delay)

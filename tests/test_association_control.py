@@ -113,6 +113,8 @@ def test_association_log_records_instances_bytes_and_outcome(node: Node, tmp_pat
     assert released["bytes"] > 5 * 39000
     assert released["duration_s"] >= 0
     assert len({e["assoc_id"] for e in logs if "assoc_id" in e}) == 1
+    # The row is closed right after the event is logged.
+    wait_until(lambda: _association_rows(node)[0]["outcome"] == "released", 5)
     (row,) = _association_rows(node)
     assert row["outcome"] == "released"
     assert row["instances_received"] == 5

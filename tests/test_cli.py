@@ -68,7 +68,9 @@ def test_echo_reports_nobody_listening() -> None:
 
 
 def test_run_reports_a_port_already_in_use(node: Node, tmp_path: Path) -> None:
-    data = config_data(tmp_path, f"sqlite:///{tmp_path / 'second.db'}", port=node.receiver.port)
+    data = config_data(
+        tmp_path / "second", f"sqlite:///{tmp_path / 'second.db'}", port=node.receiver.port
+    )
     config = tmp_path / "second.toml"
     config.write_text(to_toml(data))
     result = _cli("run", "--config", str(config))
@@ -80,3 +82,13 @@ def test_run_without_a_config_explains_how_to_give_one() -> None:
     result = _cli("run")
     assert result.returncode == 2
     assert "--config" in result.stderr
+
+
+def test_run_refuses_a_spool_another_node_is_using(node: Node, tmp_path: Path) -> None:
+    data = config_data(tmp_path, f"sqlite:///{tmp_path / 'other.db'}", port=free_port())
+    data["storage"]["spool_dir"] = str(node.config.storage.spool_dir)
+    config = tmp_path / "same-spool.toml"
+    config.write_text(to_toml(data))
+    result = _cli("run", "--config", str(config))
+    assert result.returncode == 1
+    assert "is in use by another dicom-gateway process" in result.stderr

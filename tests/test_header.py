@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import time
 import warnings
 from pathlib import Path
 
@@ -23,7 +24,9 @@ from tests.helpers.data import sample
 
 # The tests build deliberately invalid values; pydicom warns about them when writing.
 pytestmark = pytest.mark.filterwarnings(
-    "ignore:Invalid value for VR:UserWarning", "ignore:The value length:UserWarning"
+    "ignore:Invalid value for VR:UserWarning",
+    "ignore:The value length:UserWarning",
+    "ignore:The PN component length:UserWarning",
 )
 
 KEYWORDS = [
@@ -212,3 +215,34 @@ def test_attributes_tolerate_out_of_range_numbers() -> None:
     )
     assert attributes.series_number is None
     assert attributes.instance_number == 12
+
+
+def test_absurdly_long_wanted_values_are_skipped_not_copied() -> None:
+    ds = _minimal()
+    ds.PatientName = "A" * (2 * 1024 * 1024)
+    data = _part10(ds, ImplicitVRLittleEndian)
+    _, offset = read_file_meta(data)
+    header = read_header(data, offset, DatasetEncoding.IMPLICIT_LITTLE, TAGS)
+    assert header.values(tag_for_keyword("PatientName")) == ()
+    assert header.first(tag_for_keyword("PatientID")) == "P1"
+
+
+def test_large_deflated_dataset_is_read_in_linear_time() -> None:
+    ds = _minimal()
+    ds.add_new(0x00091010, "LO", "x")
+    ds.add_new(0x00091011, "OB", bytes(32 * 1024 * 1024))  # before PatientID, compresses well
+    data = _part10(ds, "1.2.840.10008.1.2.1.99")
+    _, offset = read_file_meta(data)
+    started = time.perf_counter()
+    header = read_header(data, offset, DatasetEncoding.DEFLATED_EXPLICIT_LITTLE, TAGS)
+    assert header.first(tag_for_keyword("PatientID")) == "P1"
+    assert time.perf_counter() - started < 5, "re-parsing must not be quadratic"
+
+
+def test_nul_bytes_inside_text_values_are_dropped() -> None:
+    ds = _minimal()
+    ds.PatientName = "DOE\x00JANE"
+    data = _part10(ds)
+    _, offset = read_file_meta(data)
+    header = read_header(data, offset, DatasetEncoding.EXPLICIT_LITTLE, TAGS)
+    assert header.values(tag_for_keyword("PatientName")) == ("DOEJANE",)

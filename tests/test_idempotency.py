@@ -83,3 +83,17 @@ def test_resend_of_an_older_version_becomes_the_newest(node: Node, tmp_path: Pat
     wait_uploaded(node.engine, 3)
     current = _rows(node, "SELECT version FROM instance WHERE is_current")
     assert current == [(3,)], "the newest receipt wins, even if its bytes were seen before"
+
+
+def test_instances_without_patient_id_are_not_merged_into_one_patient(
+    node: Node, tmp_path: Path
+) -> None:
+    for index, name in enumerate(["Alpha^Ann", "Beta^Bob"]):
+        (path,) = make_study(tmp_path / str(index), 1, patient_id="")
+        ds = dcmread(path)
+        ds.PatientName = name
+        ds.save_as(path)
+        assert dcmtk.storescu(node.receiver.port, [path]).ok
+    rows = _rows(node, "SELECT p.patient_name FROM study s JOIN patient p ON p.id = s.patient_pk"
+                       " ORDER BY p.patient_name")
+    assert rows == [("Alpha^Ann",), ("Beta^Bob",)]

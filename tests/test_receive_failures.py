@@ -90,16 +90,36 @@ def test_database_unavailable_answers_out_of_resources_and_keeps_nothing(
         wait_uploaded(node.engine, 2)
 
 
-def test_spool_below_free_space_threshold_answers_out_of_resources(
+def test_spool_below_free_space_threshold_refuses_associations_transiently(
     tmp_path: Path, database_url: str
 ) -> None:
     config = make_config(tmp_path, database_url, storage={"min_free_bytes": 10**18})
     with running_node(config) as node:
-        report = send_files(node.receiver.port, make_study(tmp_path / "study", 1))
-        assert report.statuses[0][1] == Status.OUT_OF_RESOURCES
-        assert "spool" in (report.error_comments[0] or "")
+        result = dcmtk.storescu(node.receiver.port, make_study(tmp_path / "study", 1))
+        assert "Rejected Transient" in result.output
+        assert "Temporary Congestion" in result.output or "Temporary congestion" in result.output
         assert _instance_count(node.engine) == 0
         assert _spool_files(node) == []
+
+
+def test_spool_filling_up_during_an_association_answers_out_of_resources(
+    tmp_path: Path, database_url: str
+) -> None:
+    config = make_config(tmp_path, database_url)
+    files = make_study(tmp_path / "study", 2)
+    with running_node(config) as node:
+
+        def fill_disk(index: int, _uid: str, _status: int) -> None:
+            if index == 0:  # the disk "fills" once the association is under way
+                node.spool.min_free_bytes = 10**18
+                node.spool._free_checked_at = 0.0
+
+        report = send_files(node.receiver.port, files, on_response=fill_disk)
+        assert [status for _, status in report.statuses] == [0, Status.OUT_OF_RESOURCES]
+        assert "spool" in (report.error_comments[1] or "")
+        wait_uploaded(node.engine, 1)
+        assert _instance_count(node.engine) == 1
+        assert list(node.spool.incoming.iterdir()) == []
 
 
 def test_object_store_outage_does_not_block_receiving_and_uploads_resume(
@@ -224,3 +244,32 @@ def test_concurrent_associations_are_all_stored(node: Node, tmp_path: Path) -> N
     assert all(result.ok for result in results), [r.output for r in results if not r.ok]
     wait_uploaded(node.engine, 60)
     assert _instance_count(node.engine) == 60
+
+
+def test_a_pdu_announced_beyond_the_maximum_is_refused_without_reading_it(node: Node) -> None:
+    parrot = Parrot.connect(node.receiver.port)
+    parrot.send(associate_rq("MODALITY", "GATEWAY"))
+    pdu = parrot.receive_pdu()
+    assert pdu is not None and pdu[0] == 0x02
+    parrot.send(b"\x04\x00" + (1 << 31).to_bytes(4, "big") + b"\x00" * 64)  # "2 GiB" P-DATA
+    assert parrot.answered_with_abort()
+    parrot.close()
+    assert dcmtk.echoscu(node.receiver.port).ok
+
+
+def test_text_values_with_nul_bytes_are_indexed_on_every_database(
+    node: Node, tmp_path: Path
+) -> None:
+    (path,) = make_study(tmp_path, 1)
+    ds = dcmread(path)
+    ds.PatientName = "DOE\x00JANE"
+    ds.StudyDescription = "HEAD\x00CT"
+    ds.save_as(path)
+    report = send_files(node.receiver.port, [path])
+    assert report.statuses[0][1] == 0
+    with node.engine.connect() as connection:
+        row = connection.execute(text(
+            "SELECT p.patient_name, s.study_description FROM patient p"
+            " JOIN study s ON s.patient_pk = p.id"
+        )).one()
+    assert tuple(row) == ("DOEJANE", "HEADCT")

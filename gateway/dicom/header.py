@@ -38,6 +38,9 @@ _LONG_VRS: Final = frozenset(
 )
 _DEFLATE_CHUNK: Final = 256 * 1024
 _DEFLATE_LIMIT: Final = 64 * 1024 * 1024
+# Wanted elements longer than this are not header attributes anyone can use (a 300 MB
+# Patient's Name is an attack or a broken writer): they are skipped, not copied.
+MAX_VALUE_LENGTH: Final = 1024 * 1024
 
 # Text VRs decoded as ASCII, those decoded with the dataset's character set, and the
 # ones that hold a single value even when it contains a backslash.
@@ -160,7 +163,7 @@ def read_elements(
             content_end = pos
         if content_end > walker.size:
             raise _NeedMoreError(f"dataset ends inside element {tag:08X}")
-        if tag in wanted:
+        if tag in wanted and content_end - value <= MAX_VALUE_LENGTH:
             found[tag] = RawDataElement(
                 BaseTag(tag),
                 vr.decode("ascii") if vr is not None else None,
@@ -224,7 +227,7 @@ class Header:
             delimiters = _PN_DELIMITERS if vr == "PN" else _DELIMITERS
             text = decode_bytes(value, self._character_sets(), delimiters)
             if vr in _SINGLE_VALUED_TEXT_VRS:
-                stripped = text.rstrip(" \x00")
+                stripped = text.replace("\x00", "").rstrip(" ")
                 return (stripped,) if stripped else ()
         elif vr in _BINARY_NUMBER_VRS:
             return self._binary_numbers(raw, vr)
@@ -257,7 +260,8 @@ class Header:
 
 
 def _split(text: str) -> list[str]:
-    return [part.strip(" \x00") for part in text.split("\\")]
+    # NUL is not valid inside a DICOM text value, and PostgreSQL refuses it in text.
+    return [part.replace("\x00", "").strip(" ") for part in text.split("\\")]
 
 
 def read_header(
@@ -277,23 +281,29 @@ def read_header(
 
 
 def _read_deflated(buf: Buffer, start: int, wanted: frozenset[int]) -> dict[int, RawDataElement]:
-    """Inflate just enough of a deflated dataset to read the wanted elements."""
+    """Inflate just enough of a deflated dataset to read the wanted elements.
+
+    Each retry at least doubles what is inflated, so the re-parsing stays linear.
+    """
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
     inflated = bytearray()
     pos = start
+    target = _DEFLATE_CHUNK
     while True:
-        chunk = bytes(buf[pos : pos + _DEFLATE_CHUNK])
-        pos += len(chunk)
-        try:
-            inflated += inflater.decompress(chunk)
-        except zlib.error as exc:
-            raise HeaderError(f"deflated dataset is corrupt: {exc}") from None
-        at_end = not chunk or inflater.eof
+        while len(inflated) < target and pos < len(buf) and not inflater.eof:
+            chunk = bytes(buf[pos : pos + _DEFLATE_CHUNK])
+            pos += len(chunk)
+            try:
+                inflated += inflater.decompress(chunk)
+            except zlib.error as exc:
+                raise HeaderError(f"deflated dataset is corrupt: {exc}") from None
+        at_end = pos >= len(buf) or inflater.eof
         try:
             return read_elements(inflated, 0, DatasetEncoding.EXPLICIT_LITTLE, wanted)
         except _NeedMoreError:
             if at_end or len(inflated) > _DEFLATE_LIMIT:
                 raise
+        target = 2 * max(target, len(inflated))
 
 
 def read_file_meta(buf: Buffer) -> tuple[FileMetaDataset, int]:

@@ -9,21 +9,22 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 from sqlalchemy import Connection, Table, and_, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from gateway.dicom.attributes import InstanceAttributes
-from gateway.index.schema import Association, Instance, Patient, Series, Study
+from gateway.index.schema import Association, ForwardJob, Instance, Patient, Series, Study
 
 patient_table = cast(Table, Patient.__table__)
 study_table = cast(Table, Study.__table__)
 series_table = cast(Table, Series.__table__)
 instance_table = cast(Table, Instance.__table__)
 association_table = cast(Table, Association.__table__)
+forward_job_table = cast(Table, ForwardJob.__table__)
 
 SPOOLED = "spooled"
 STORED = "stored"
@@ -53,6 +54,10 @@ class InstanceRecord:
     called_ae: str
     association_id: str | None
     received_at: dt.datetime
+    destinations: Mapping[str, str] = field(default_factory=dict)
+    """Forwarding obligations: destination name -> the route that sent it there."""
+    routed: bool | None = None
+    """False when no route matched (unrouted); None when routing is not configured."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +66,8 @@ class RecordResult:
     instance_pk: int
     version: int
     study_pk: int | None = None
+    spool_file_adopted: bool = False
+    """A duplicate whose current version had lost its spool file now uses the new one."""
 
 
 def _insert(connection: Connection, table: Any) -> Any:
@@ -69,8 +76,16 @@ def _insert(connection: Connection, table: Any) -> Any:
     return sqlite.insert(table)
 
 
+def patient_key(attrs: InstanceAttributes) -> str:
+    """The patient row an instance belongs to (see :class:`~gateway.index.schema.Patient`)."""
+    if attrs.patient_id:
+        return f"id:{attrs.issuer_of_patient_id}|{attrs.patient_id}"
+    return f"study:{attrs.study_instance_uid}"
+
+
 def _upsert_patient(connection: Connection, attrs: InstanceAttributes, now: dt.datetime) -> int:
     stmt = _insert(connection, patient_table).values(
+        patient_key=patient_key(attrs),
         patient_id=attrs.patient_id,
         issuer_of_patient_id=attrs.issuer_of_patient_id,
         patient_name=attrs.patient_name,
@@ -80,7 +95,7 @@ def _upsert_patient(connection: Connection, attrs: InstanceAttributes, now: dt.d
     )
     c = patient_table.c
     stmt = stmt.on_conflict_do_update(
-        index_elements=[c.patient_id, c.issuer_of_patient_id],
+        index_elements=[c.patient_key],
         set_={
             "patient_name": func.coalesce(stmt.excluded.patient_name, c.patient_name),
             "patient_birth_date": func.coalesce(
@@ -160,14 +175,18 @@ def find_current(connection: Connection, sop_instance_uid: str) -> Any:
     """The current version of a SOP instance (locked for update on PostgreSQL)."""
     c = instance_table.c
     stmt = (
-        select(c.id, c.sha256, c.version, c.transfer_syntax_uid)
+        select(c.id, c.sha256, c.version, c.transfer_syntax_uid, c.state, c.spool_name)
         .where(c.sop_instance_uid == sop_instance_uid, c.is_current.is_(True))
         .with_for_update()
     )
     return connection.execute(stmt).first()
 
 
-def record_instance(connection: Connection, record: InstanceRecord) -> RecordResult:
+def record_instance(
+    connection: Connection,
+    record: InstanceRecord,
+    spool_file_exists: Callable[[str], bool] = lambda name: True,
+) -> RecordResult:
     """Index one received instance: new, new version, or duplicate of the current one."""
     attrs = record.attributes
     current = find_current(connection, attrs.sop_instance_uid)
@@ -176,6 +195,17 @@ def record_instance(connection: Connection, record: InstanceRecord) -> RecordRes
         and current.sha256 == record.sha256
         and current.transfer_syntax_uid == record.transfer_syntax_uid
     ):
+        if current.state == SPOOLED and not spool_file_exists(current.spool_name or ""):
+            # The row was committed but its file is gone (a commit whose outcome was
+            # unknown to us, so we answered 0xA700 and dropped the file): adopt this copy.
+            connection.execute(
+                update(instance_table)
+                .where(instance_table.c.id == current.id)
+                .values(spool_name=record.spool_name, next_upload_at=None)
+            )
+            return RecordResult(
+                RecordOutcome.DUPLICATE, current.id, current.version, spool_file_adopted=True
+            )
         return RecordResult(RecordOutcome.DUPLICATE, current.id, current.version)
 
     now = record.received_at
@@ -188,6 +218,7 @@ def record_instance(connection: Connection, record: InstanceRecord) -> RecordRes
         connection.execute(
             update(instance_table).where(instance_table.c.id == current.id).values(is_current=False)
         )
+        _supersede_pending_jobs(connection, current.id, now)
         version = current.version + 1
         outcome = RecordOutcome.NEW_VERSION
     instance_pk = connection.execute(
@@ -212,10 +243,39 @@ def record_instance(connection: Connection, record: InstanceRecord) -> RecordRes
             association_id=record.association_id,
             received_at=now,
             upload_attempts=0,
+            routed=record.routed,
         )
         .returning(instance_table.c.id)
     ).scalar_one()
+    if record.destinations:
+        connection.execute(
+            forward_job_table.insert(),
+            [
+                {
+                    "instance_pk": instance_pk,
+                    "destination": destination,
+                    "route": route,
+                    "study_instance_uid": attrs.study_instance_uid,
+                    "state": "pending",
+                    "attempts": 0,
+                    "created_at": now,
+                    "updated_at": now,
+                }
+                for destination, route in record.destinations.items()
+            ],
+        )
     return RecordResult(outcome, int(instance_pk), version, study_pk)
+
+
+def _supersede_pending_jobs(connection: Connection, instance_pk: int, now: dt.datetime) -> None:
+    """A newer version replaces an older one not yet sent: send only the newest, so a
+    retry of the old one can never overwrite the new one at the destination."""
+    c = forward_job_table.c
+    connection.execute(
+        update(forward_job_table)
+        .where(c.instance_pk == instance_pk, c.state == "pending")
+        .values(state="superseded", updated_at=now, completed_at=now)
+    )
 
 
 # --- association log -------------------------------------------------------------

@@ -66,13 +66,18 @@ class Base(DeclarativeBase):
 
 
 class Patient(Base):
-    """A patient as identified by Patient ID and its issuer; attributes: newest wins."""
+    """A patient as identified by Patient ID and its issuer; attributes: newest wins.
+
+    ``patient_key`` is what identifies the row: ``id:<issuer>|<Patient ID>``, or, for
+    instances without a Patient ID, ``study:<Study Instance UID>`` (such patients are
+    never merged with each other).
+    """
 
     __tablename__ = "patient"
-    __table_args__ = (UniqueConstraint("patient_id", "issuer_of_patient_id"),)
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    patient_id: Mapped[str] = mapped_column(default="")
+    patient_key: Mapped[str] = mapped_column(unique=True)
+    patient_id: Mapped[str] = mapped_column(default="", index=True)
     issuer_of_patient_id: Mapped[str] = mapped_column(default="")
     patient_name: Mapped[str | None]
     patient_birth_date: Mapped[str | None]

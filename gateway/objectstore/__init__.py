@@ -72,6 +72,9 @@ class ObjectStore(Protocol):
     def size(self, key: str) -> int | None:
         """The stored size, or ``None`` when there is no such object."""
 
+    def local_path(self, key: str) -> Path | None:
+        """A path to read the object from directly, when the store is local."""
+
     def check(self) -> None:
         """Raise :class:`ObjectStoreError` when the store is not reachable and writable."""
 

@@ -92,6 +92,9 @@ class FileObjectStore:
         except OSError as exc:
             raise ObjectStoreError(f"cannot read {key}: {exc.strerror}") from exc
 
+    def local_path(self, key: str) -> Path | None:
+        return self._path(key)
+
     def size(self, key: str) -> int | None:
         try:
             return self._path(key).stat().st_size

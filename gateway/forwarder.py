@@ -1,0 +1,337 @@
+"""Forwarding: per-destination workers that deliver queued instances over C-STORE.
+
+Each destination has its own workers (``max_associations`` of them), so a dead PACS
+never delays the others. A worker claims a batch of one study's instances, sends them
+over one association (streaming each file as stored when the destination accepts its
+transfer syntax), and records every attempt. Outcomes are classified by
+:mod:`gateway.status`; the retry schedule comes from :mod:`gateway.backoff`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
+
+from gateway.backoff import retry_delay
+from gateway.config import DestinationConfig, MorphConfig
+from gateway.index import queue
+from gateway.index.database import describe_error
+from gateway.index.queue import ClaimedJob, Outcome
+from gateway.logs import get_logger
+from gateway.objectstore import ObjectStore
+from gateway.scu import AssociationFailedError, DestinationLink, SendResult
+from gateway.spool import Spool
+from gateway.status import StatusCategory, describe
+
+log = get_logger(__name__)
+
+_LEASE = dt.timedelta(minutes=10)
+_LEASE_RENEWAL_SECONDS = 60.0
+_IDLE_POLL_SECONDS = 2.0
+
+
+def _utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+@dataclass
+class DestinationState:
+    """Shared by a destination's workers: wake-ups and the outage backoff."""
+
+    config: DestinationConfig
+    wake: threading.Event = field(default_factory=threading.Event)
+    consecutive_failures: int = 0
+    paused_until: float = 0.0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def failed(self) -> float:
+        """Record an association-level failure; return the pause before the next try."""
+        with self.lock:
+            self.consecutive_failures += 1
+            retry = self.config.retry
+            delay = retry_delay(self.consecutive_failures, retry.initial_seconds, retry.max_seconds)
+            self.paused_until = time.monotonic() + delay
+            return delay
+
+    def succeeded(self) -> bool:
+        """Record a delivery; True when this ends an outage."""
+        with self.lock:
+            recovered = self.consecutive_failures > 0
+            self.consecutive_failures = 0
+            self.paused_until = 0.0
+            return recovered
+
+
+@dataclass
+class _BatchSummary:
+    """What one forward association did, for its log event."""
+
+    association_id: str
+    started: float
+    sent: int = 0
+    failed: int = 0
+    untried: int = 0
+    bytes: int = 0
+    outcome: str = "completed"
+
+
+@dataclass(frozen=True)
+class ForwardSettings:
+    """What workers need besides the destination itself."""
+
+    engine: Engine
+    spool: Spool
+    store: ObjectStore
+    node_name: str
+    calling_ae_title: str
+    route_morphs: Mapping[str, MorphConfig]
+    clock: Callable[[], dt.datetime] = _utcnow
+
+
+class DestinationWorker:
+    """One association's worth of forwarding to one destination, in a loop."""
+
+    def __init__(self, state: DestinationState, settings: ForwardSettings, index: int) -> None:
+        self.state = state
+        self.settings = settings
+        self.destination = state.config
+        self.owner = f"{settings.node_name}:{self.destination.name}:{index}:{uuid.uuid4().hex[:8]}"
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, name=f"forward-{self.destination.name}-{index}", daemon=True
+        )
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self.state.wake.set()
+
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            pause = self.state.paused_until - time.monotonic()
+            if pause > 0:
+                self._stopping.wait(pause)
+                continue
+            try:
+                jobs = self._claim()
+            except SQLAlchemyError as exc:
+                log.error("forward_queue_read_failed", destination=self.destination.name,
+                          error=describe_error(exc))
+                self._stopping.wait(2.0)
+                continue
+            if not jobs:
+                self.state.wake.wait(_IDLE_POLL_SECONDS)
+                self.state.wake.clear()
+                continue
+            try:
+                self._send_batch(jobs)
+            except Exception:
+                log.exception("forward_batch_internal_error", destination=self.destination.name)
+                self._release([job.id for job in jobs])
+                self._stopping.wait(1.0)
+
+    def _claim(self) -> list[ClaimedJob]:
+        with self.settings.engine.begin() as connection:
+            return queue.claim_batch(
+                connection,
+                self.destination.name,
+                node=self.settings.node_name,
+                owner=self.owner,
+                now=self.settings.clock(),
+                lease=_LEASE,
+                limit=self.destination.batch_size,
+            )
+
+    # --- one batch -------------------------------------------------------------------
+
+    def _send_batch(self, jobs: list[ClaimedJob]) -> None:
+        association_id = str(uuid.uuid4())
+        started = time.monotonic()
+        link = DestinationLink(
+            self.destination, self.settings.calling_ae_title, self.settings.spool,
+            self.settings.store, self.settings.engine,
+        )
+        try:
+            link.open([(job.sop_class_uid, job.transfer_syntax_uid) for job in jobs])
+        except AssociationFailedError as exc:
+            delay = self.state.failed()
+            for job in jobs:
+                self._record_transient(job, None, str(exc), association_id)
+            self._log_association(
+                _BatchSummary(association_id, started, untried=len(jobs), outcome=str(exc))
+            )
+            log.warning("destination_unavailable", destination=self.destination.name,
+                        error=str(exc), retry_in_s=round(delay, 1))
+            return
+        summary = _BatchSummary(association_id, started)
+        remaining = list(jobs)
+        renewed = time.monotonic()
+        try:
+            while remaining:
+                if self._stopping.is_set():
+                    summary.outcome = "stopped"
+                    break
+                job = remaining.pop(0)
+                result = link.send(job, self.settings.route_morphs.get(job.route))
+                category = self._record_result(job, result, association_id)
+                if category in (StatusCategory.SUCCESS, StatusCategory.WARNING):
+                    summary.sent += 1
+                    summary.bytes += result.bytes_sent
+                else:
+                    summary.failed += 1
+                if category is StatusCategory.TRANSIENT_FAILURE:
+                    summary.outcome = f"stopped early: {result.detail}"
+                    self.state.failed()
+                    break
+                if time.monotonic() - renewed > _LEASE_RENEWAL_SECONDS:
+                    self._extend([j.id for j in remaining])
+                    renewed = time.monotonic()
+        finally:
+            link.close()
+            if remaining:
+                self._release([job.id for job in remaining])
+        summary.untried = len(remaining)
+        if summary.sent and self.state.succeeded():
+            log.info("destination_recovered", destination=self.destination.name)
+        self._log_association(summary)
+
+    def _log_association(self, summary: _BatchSummary) -> None:
+        log.info(
+            "forward_association",
+            destination=self.destination.name,
+            forward_association_id=summary.association_id,
+            instances=summary.sent,
+            failed=summary.failed,
+            untried=summary.untried,
+            bytes=summary.bytes,
+            duration_s=round(time.monotonic() - summary.started, 3),
+            outcome=summary.outcome,
+        )
+
+    # --- outcomes --------------------------------------------------------------------
+
+    def _record_result(
+        self, job: ClaimedJob, result: SendResult, association_id: str
+    ) -> StatusCategory:
+        category = result.category
+        if category is StatusCategory.SUCCESS:
+            self._record(job, Outcome("success", result.status, result.note), association_id)
+        elif category is StatusCategory.WARNING:
+            warning = "; ".join(filter(None, [result.detail, result.note]))
+            self._record(job, Outcome("warning", result.status, warning), association_id)
+        elif category is StatusCategory.TRANSIENT_FAILURE:
+            self._record_transient(job, result.status, result.detail, association_id)
+        else:
+            self._dead_letter(job, result.status, result.detail, association_id)
+        return category
+
+    def _record_transient(
+        self, job: ClaimedJob, status: int | None, error: str, association_id: str
+    ) -> None:
+        attempts = job.attempts + 1
+        retry = self.destination.retry
+        if attempts >= retry.max_attempts:
+            reason = f"retries exhausted after {attempts} attempts; last error: {error}"
+            self._dead_letter(job, status, reason, association_id)
+            return
+        delay = retry_delay(attempts, retry.initial_seconds, retry.max_seconds)
+        next_at = self.settings.clock() + dt.timedelta(seconds=delay)
+        self._record(job, Outcome("transient", status, error, next_at), association_id)
+
+    def _dead_letter(
+        self, job: ClaimedJob, status: int | None, reason: str, association_id: str
+    ) -> None:
+        shown = f"{describe(status)}: {reason}" if status is not None else reason
+        self._record(job, Outcome("permanent", status, reason, dead_reason=shown), association_id)
+        log.warning(
+            "dead_letter",
+            destination=self.destination.name,
+            job_id=job.id,
+            study_instance_uid=job.study_instance_uid,
+            sop_instance_uid=job.sop_instance_uid,
+            status=f"0x{status:04X}" if status is not None else None,
+            attempts=job.attempts + 1,
+            reason=shown,
+        )
+
+    def _record(self, job: ClaimedJob, outcome: Outcome, association_id: str) -> None:
+        now = self.settings.clock()
+        try:
+            with self.settings.engine.begin() as connection:
+                kept = queue.record_outcome(
+                    connection,
+                    job.id,
+                    owner=self.owner,
+                    attempts=job.attempts + 1,
+                    result=outcome,
+                    now=now,
+                    forward_association_id=association_id,
+                )
+        except SQLAlchemyError as exc:
+            # The lease expires and the job is tried again: at worst a duplicate send.
+            log.error("forward_record_failed", job_id=job.id, error=describe_error(exc))
+            return
+        if not kept:
+            log.warning("forward_lease_lost", job_id=job.id, destination=self.destination.name)
+
+    def _release(self, ids: list[int]) -> None:
+        try:
+            with self.settings.engine.begin() as connection:
+                queue.release(connection, ids, self.owner, self.settings.clock())
+        except SQLAlchemyError as exc:
+            log.error("forward_release_failed", error=describe_error(exc))
+
+    def _extend(self, ids: list[int]) -> None:
+        try:
+            with self.settings.engine.begin() as connection:
+                queue.extend_leases(connection, ids, self.owner, self.settings.clock() + _LEASE)
+        except SQLAlchemyError as exc:
+            log.error("forward_lease_renewal_failed", error=describe_error(exc))
+
+
+class Forwarder:
+    """All destinations' workers."""
+
+    def __init__(self, destinations: list[DestinationConfig], settings: ForwardSettings) -> None:
+        self.settings = settings
+        self.states = {dest.name: DestinationState(dest) for dest in destinations}
+        self.workers = [
+            DestinationWorker(state, settings, index)
+            for state in self.states.values()
+            for index in range(state.config.max_associations)
+        ]
+
+    def start(self) -> None:
+        with self.settings.engine.begin() as connection:
+            released = queue.release_node_leases(
+                connection, self.settings.node_name, self.settings.clock()
+            )
+        if released:
+            log.info("forward_jobs_recovered", jobs=released)
+        for worker in self.workers:
+            worker.start()
+
+    def wake(self, destinations: Mapping[str, str] | None = None) -> None:
+        """New work: wake the named destinations' workers (all when None)."""
+        for name, state in self.states.items():
+            if destinations is None or name in destinations:
+                state.wake.set()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        for worker in self.workers:
+            worker.stop()
+        deadline = time.monotonic() + timeout
+        for worker in self.workers:
+            worker.join(max(0.0, deadline - time.monotonic()))

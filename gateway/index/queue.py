@@ -1,0 +1,374 @@
+"""The per-destination forwarding queue: claims with leases, outcomes, and admin views.
+
+Claiming is safe with several workers and several gateway processes: on PostgreSQL the
+candidate rows are locked with ``SELECT ... FOR UPDATE SKIP LOCKED``; on SQLite every
+write transaction starts with ``BEGIN IMMEDIATE``, so the select-then-claim is already
+serialised. A claim is a lease: a worker that dies leaves rows ``in_flight`` until the
+lease expires (or its node restarts), and then they are claimed again.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+from sqlalchemy import Connection, Table, and_, case, func, or_, select, update
+
+from gateway.index.repository import STORED, instance_table, series_table
+from gateway.index.schema import ForwardAttempt, ForwardJob
+
+job_table = cast(Table, ForwardJob.__table__)
+attempt_table = cast(Table, ForwardAttempt.__table__)
+
+PENDING = "pending"
+IN_FLIGHT = "in_flight"
+DONE = "done"
+DEAD = "dead"
+SUPERSEDED = "superseded"
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedJob:
+    """A job and what is needed to send its instance."""
+
+    id: int
+    instance_pk: int
+    destination: str
+    route: str
+    attempts: int
+    created_at: dt.datetime
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    size: int
+    sha256: str
+    instance_state: str
+    spool_name: str | None
+    object_key: str | None
+
+
+def _due(now: dt.datetime) -> Any:
+    c = job_table.c
+    return or_(
+        and_(c.state == PENDING, or_(c.next_attempt_at.is_(None), c.next_attempt_at <= now)),
+        and_(c.state == IN_FLIGHT, c.lease_expires_at < now),
+    )
+
+
+def _sendable_by(node: str) -> Any:
+    # A spooled instance exists only on the node that received it; once stored it is in
+    # the shared object store and any node may send it.
+    i = instance_table.c
+    return or_(i.state == STORED, i.received_by == node)
+
+
+def claim_batch(
+    connection: Connection,
+    destination: str,
+    *,
+    node: str,
+    owner: str,
+    now: dt.datetime,
+    lease: dt.timedelta,
+    limit: int,
+) -> list[ClaimedJob]:
+    """Claim up to *limit* due jobs of one study (the oldest due study) for *owner*."""
+    c = job_table.c
+    i = instance_table.c
+    base = (
+        select(c.id, c.study_instance_uid)
+        .join(instance_table, i.id == c.instance_pk)
+        .where(c.destination == destination, _due(now), _sendable_by(node))
+    )
+    first = connection.execute(
+        base.order_by(c.id).limit(1).with_for_update(skip_locked=True, of=job_table)
+    ).first()
+    if first is None:
+        return []
+    rows = connection.execute(
+        select(
+            c.id,
+            c.instance_pk,
+            c.destination,
+            c.route,
+            c.attempts,
+            c.created_at,
+            c.study_instance_uid,
+            series_table.c.series_instance_uid,
+            i.sop_instance_uid,
+            i.sop_class_uid,
+            i.transfer_syntax_uid,
+            i.size,
+            i.sha256,
+            i.state.label("instance_state"),
+            i.spool_name,
+            i.object_key,
+        )
+        .join(instance_table, i.id == c.instance_pk)
+        .join(series_table, series_table.c.id == i.series_pk)
+        .where(
+            c.destination == destination,
+            c.study_instance_uid == first.study_instance_uid,
+            _due(now),
+            _sendable_by(node),
+        )
+        .order_by(c.id)
+        .limit(limit)
+        .with_for_update(skip_locked=True, of=job_table)
+    ).all()
+    ids = [row.id for row in rows]
+    connection.execute(
+        update(job_table)
+        .where(c.id.in_(ids))
+        .values(state=IN_FLIGHT, lease_owner=owner, lease_expires_at=now + lease, updated_at=now)
+    )
+    return [ClaimedJob(**row._mapping) for row in rows]
+
+
+def extend_leases(
+    connection: Connection, ids: Sequence[int], owner: str, until: dt.datetime
+) -> None:
+    c = job_table.c
+    connection.execute(
+        update(job_table)
+        .where(c.id.in_(list(ids)), c.lease_owner == owner, c.state == IN_FLIGHT)
+        .values(lease_expires_at=until)
+    )
+
+
+def _record_attempt(
+    connection: Connection,
+    job_id: int,
+    *,
+    now: dt.datetime,
+    outcome: str,
+    status: int | None,
+    error: str | None,
+    forward_association_id: str | None,
+) -> None:
+    connection.execute(
+        attempt_table.insert().values(
+            job_pk=job_id,
+            attempted_at=now,
+            outcome=outcome,
+            status=status,
+            error=error[:2000] if error else None,
+            forward_association_id=forward_association_id,
+        )
+    )
+
+
+def _owned(job_id: int, owner: str) -> Any:
+    c = job_table.c
+    return and_(c.id == job_id, c.lease_owner == owner, c.state == IN_FLIGHT)
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What happened to one job, to be recorded."""
+
+    outcome: str  # success | warning | transient | permanent
+    status: int | None = None
+    error: str | None = None
+    next_attempt_at: dt.datetime | None = None
+    dead_reason: str | None = None
+    """Set when the job becomes a dead letter."""
+
+
+def record_outcome(
+    connection: Connection,
+    job_id: int,
+    *,
+    owner: str,
+    attempts: int,
+    result: Outcome,
+    now: dt.datetime,
+    forward_association_id: str | None = None,
+) -> bool:
+    """Record one attempt and move the job on. False when the lease was lost meanwhile."""
+    values: dict[str, Any] = {
+        "attempts": attempts,
+        "updated_at": now,
+        "last_status": result.status,
+        "last_error": result.error,
+        "lease_owner": None,
+        "lease_expires_at": None,
+    }
+    if result.outcome in ("success", "warning"):
+        values.update(state=DONE, completed_at=now, next_attempt_at=None)
+        if result.outcome == "warning":
+            values["warning"] = result.error
+    elif result.dead_reason is not None:
+        values.update(state=DEAD, dead_reason=result.dead_reason, completed_at=now)
+    else:
+        values.update(state=PENDING, next_attempt_at=result.next_attempt_at)
+    updated = connection.execute(update(job_table).where(_owned(job_id, owner)).values(**values))
+    if not updated.rowcount:
+        return False
+    _record_attempt(
+        connection,
+        job_id,
+        now=now,
+        outcome=result.outcome,
+        status=result.status,
+        error=result.error,
+        forward_association_id=forward_association_id,
+    )
+    return True
+
+
+def release(connection: Connection, ids: Sequence[int], owner: str, now: dt.datetime) -> None:
+    """Give claimed jobs back untried (stop, or the batch ended early)."""
+    c = job_table.c
+    connection.execute(
+        update(job_table)
+        .where(c.id.in_(list(ids)), c.lease_owner == owner, c.state == IN_FLIGHT)
+        .values(state=PENDING, lease_owner=None, lease_expires_at=None, updated_at=now)
+    )
+
+
+def release_node_leases(connection: Connection, node: str, now: dt.datetime) -> int:
+    """At start-up: jobs this node had in flight when it stopped become pending again."""
+    c = job_table.c
+    result = connection.execute(
+        update(job_table)
+        .where(c.state == IN_FLIGHT, c.lease_owner.like(f"{node}:%"))
+        .values(state=PENDING, lease_owner=None, lease_expires_at=None, updated_at=now)
+    )
+    return int(result.rowcount)
+
+
+# --- admin views -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStatus:
+    destination: str
+    pending: int
+    in_flight: int
+    retrying: int
+    dead: int
+    done: int
+    oldest_pending: dt.datetime | None
+
+
+def queue_status(connection: Connection) -> list[QueueStatus]:
+    c = job_table.c
+
+    def count(condition: Any) -> Any:
+        return func.sum(case((condition, 1), else_=0))
+
+    rows = connection.execute(
+        select(
+            c.destination,
+            count(c.state == PENDING),
+            count(c.state == IN_FLIGHT),
+            count(and_(c.state == PENDING, c.attempts > 0)),
+            count(c.state == DEAD),
+            count(c.state == DONE),
+            func.min(case((c.state.in_([PENDING, IN_FLIGHT]), c.created_at), else_=None)),
+        ).group_by(c.destination).order_by(c.destination)
+    ).all()
+    return [
+        QueueStatus(
+            destination=row[0],
+            pending=int(row[1] or 0),
+            in_flight=int(row[2] or 0),
+            retrying=int(row[3] or 0),
+            dead=int(row[4] or 0),
+            done=int(row[5] or 0),
+            oldest_pending=_as_utc(row[6]),
+        )
+        for row in rows
+    ]
+
+
+def _as_utc(value: Any) -> dt.datetime | None:
+    # min() over a TypeDecorator column comes back raw on SQLite (text) and PostgreSQL.
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = dt.datetime.fromisoformat(value)
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=dt.UTC)
+    return cast(dt.datetime, value)
+
+
+def unrouted_count(connection: Connection) -> int:
+    i = instance_table.c
+    stmt = select(func.count()).where(i.routed.is_(False), i.is_current.is_(True))
+    return int(connection.execute(stmt).scalar_one())
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    id: int
+    destination: str
+    route: str
+    study_instance_uid: str
+    sop_instance_uid: str
+    attempts: int
+    last_status: int | None
+    reason: str
+    completed_at: dt.datetime | None
+
+
+def dead_letters(
+    connection: Connection, destination: str | None = None, limit: int = 100
+) -> list[DeadLetter]:
+    c = job_table.c
+    stmt = (
+        select(
+            c.id, c.destination, c.route, c.study_instance_uid, instance_table.c.sop_instance_uid,
+            c.attempts, c.last_status, c.dead_reason, c.completed_at,
+        )
+        .join(instance_table, instance_table.c.id == c.instance_pk)
+        .where(c.state == DEAD)
+        .order_by(c.completed_at.desc(), c.id.desc())
+        .limit(limit)
+    )
+    if destination:
+        stmt = stmt.where(c.destination == destination)
+    return [
+        DeadLetter(
+            id=row.id, destination=row.destination, route=row.route,
+            study_instance_uid=row.study_instance_uid, sop_instance_uid=row.sop_instance_uid,
+            attempts=row.attempts, last_status=row.last_status, reason=row.dead_reason or "",
+            completed_at=row.completed_at,
+        )
+        for row in connection.execute(stmt)
+    ]
+
+
+def requeue(
+    connection: Connection,
+    now: dt.datetime,
+    *,
+    job_ids: Sequence[int] = (),
+    destination: str | None = None,
+    study_instance_uid: str | None = None,
+) -> int:
+    """Dead letters back to pending with a fresh retry budget; returns how many."""
+    if not (job_ids or destination or study_instance_uid):
+        raise ValueError("requeue needs a job id, a destination or a study")
+    c = job_table.c
+    conditions = [c.state == DEAD]
+    if job_ids:
+        conditions.append(c.id.in_(list(job_ids)))
+    if destination:
+        conditions.append(c.destination == destination)
+    if study_instance_uid:
+        conditions.append(c.study_instance_uid == study_instance_uid)
+    result = connection.execute(
+        update(job_table)
+        .where(*conditions)
+        .values(
+            state=PENDING, attempts=0, next_attempt_at=None, dead_reason=None,
+            completed_at=None, updated_at=now,
+        )
+    )
+    return int(result.rowcount)

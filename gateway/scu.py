@@ -1,0 +1,248 @@
+"""The C-STORE SCU side of forwarding: one association to one destination.
+
+An instance goes out exactly as stored (its file streamed from the spool or the object
+store) when the destination accepts its transfer syntax and no morphing applies;
+otherwise it is read, converted (decompressed to an uncompressed syntax the destination
+accepts) and/or morphed in memory and encoded by pynetdicom.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.uid import UID
+from pynetdicom import AE, _config
+from sqlalchemy import Engine, select
+
+from gateway import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from gateway.acceptance import describe_rejection
+from gateway.config import DestinationConfig, MorphConfig
+from gateway.index.queue import ClaimedJob
+from gateway.index.repository import instance_table
+from gateway.morph import apply_morph
+from gateway.objectstore import ObjectStore, ObjectStoreError
+from gateway.spool import Spool
+from gateway.status import StatusCategory, classify, describe
+from gateway.transfer import Mode, SendPlan, contexts_for, plan, syntax_name
+
+_COPY_CHUNK = 1024 * 1024
+
+
+class AssociationFailedError(Exception):
+    """No association: refused, rejected, aborted or timed out (always transient)."""
+
+
+class _SourceUnavailableError(Exception):
+    """The instance's bytes cannot be read now."""
+
+
+class _ConversionError(Exception):
+    """The instance cannot be converted to what the destination accepts."""
+
+
+@dataclass(frozen=True, slots=True)
+class SendResult:
+    """A C-STORE response (``status``, classified), or why there was none."""
+
+    status: int | None
+    category: StatusCategory
+    detail: str = ""
+    note: str | None = None
+    bytes_sent: int = 0
+
+
+class DestinationLink:
+    """An association to a destination and the instances sent over it."""
+
+    def __init__(
+        self,
+        destination: DestinationConfig,
+        calling_ae_title: str,
+        spool: Spool,
+        store: ObjectStore,
+        engine: Engine,
+    ) -> None:
+        self.destination = destination
+        self.calling_ae_title = destination.calling_ae_title or calling_ae_title
+        self.spool = spool
+        self.store = store
+        self.engine = engine
+        self.accepted: set[tuple[str, str]] = set()
+        self._assoc: Any = None
+
+    def open(self, items: list[tuple[str, str]]) -> None:
+        """Associate, proposing contexts for these (SOP class, stored syntax) pairs."""
+        _config.STORE_SEND_CHUNKED_DATASET = True
+        destination = self.destination
+        ae = AE(ae_title=self.calling_ae_title)
+        ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
+        ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = destination.timeout
+        ae.connection_timeout = destination.timeout
+        for context in contexts_for(items, decompress=destination.decompress):
+            ae.add_requested_context(context.abstract_syntax, list(context.transfer_syntaxes))
+        assoc = ae.associate(
+            destination.host,
+            destination.port,
+            ae_title=destination.ae_title,
+            max_pdu=destination.max_pdu_length,
+        )
+        if not assoc.is_established:
+            raise AssociationFailedError(self._failure_reason(assoc))
+        self._assoc = assoc
+        self.accepted = {
+            (str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in assoc.accepted_contexts
+        }
+
+    def _failure_reason(self, assoc: Any) -> str:
+        where = f"{self.destination.ae_title}@{self.destination.host}:{self.destination.port}"
+        if assoc.is_rejected and assoc.acceptor.primitive is not None:
+            rj = assoc.acceptor.primitive
+            words = describe_rejection(int(rj.result), int(rj.result_source), int(rj.diagnostic))
+            return f"association rejected by {where} ({words})"
+        if assoc.is_aborted:
+            return f"association aborted by {where}"
+        return f"could not connect to {where} (refused or timed out)"
+
+    def close(self) -> None:
+        if self._assoc is None:
+            return
+        if self._assoc.is_established:
+            self._assoc.release()
+        self._assoc = None
+
+    def send(self, job: ClaimedJob, route_morph: MorphConfig | None) -> SendResult:
+        """Send one instance; never raises for anything the destination or data did."""
+        if self._assoc is None or not self._assoc.is_established:
+            return SendResult(None, StatusCategory.TRANSIENT_FAILURE, "association lost")
+        decision = plan(
+            job.sop_class_uid, job.transfer_syntax_uid, self.accepted,
+            decompress=self.destination.decompress,
+        )
+        if decision.mode is Mode.IMPOSSIBLE:
+            return SendResult(None, StatusCategory.PERMANENT_FAILURE, decision.reason)
+        morphs = [m for m in (route_morph, self.destination.morph) if m and not m.is_empty()]
+        try:
+            response, note = self._transmit(job, decision, morphs)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes the job's outcome
+            return _failure(exc)
+        if response is None or "Status" not in response:
+            return SendResult(
+                None, StatusCategory.TRANSIENT_FAILURE,
+                "no response from the destination (timeout or association aborted)",
+            )
+        status = int(response.Status)
+        comment = response.get("ErrorComment")
+        detail = describe(status) + (f": {comment}" if comment else "")
+        return SendResult(status, classify(status), detail, note, job.size)
+
+    def _transmit(
+        self, job: ClaimedJob, decision: SendPlan, morphs: list[MorphConfig]
+    ) -> tuple[Dataset | None, str | None]:
+        note = None
+        with self._source(job) as path:
+            if decision.mode is Mode.AS_STORED and not morphs:
+                return self._assoc.send_c_store(path), note
+            dataset = dcmread(path)
+            if decision.mode is Mode.CONVERT:
+                note = _convert(dataset, str(decision.transfer_syntax))
+            for morph in morphs:
+                apply_morph(dataset, morph)
+            return self._assoc.send_c_store(dataset), note
+
+    @contextlib.contextmanager
+    def _source(self, job: ClaimedJob) -> Iterator[Path]:
+        """A path to the instance's stored bytes, valid while the block runs.
+
+        The path is ``/proc/self/fd/N`` of a descriptor held open here, so the uploader
+        may delete the spool file meanwhile without pulling it from under the send.
+        """
+        fd = _open(self.spool.path(job.spool_name)) if job.spool_name else None
+        temporary: Path | None = None
+        try:
+            if fd is None:
+                key = job.object_key or self._object_key_now(job.instance_pk)
+                if key is None:
+                    raise _SourceUnavailableError("instance is neither in the spool nor stored")
+                local = self.store.local_path(key)
+                if local is not None:
+                    fd = _open(local)
+                else:
+                    temporary = self._download(key)
+                    fd = _open(temporary)
+            if fd is None:
+                raise _SourceUnavailableError("instance file is missing")
+            yield Path(f"/proc/self/fd/{fd}")
+        finally:
+            if fd is not None:
+                os.close(fd)
+            if temporary is not None:
+                temporary.unlink(missing_ok=True)
+
+    def _object_key_now(self, instance_pk: int) -> str | None:
+        # The uploader may have moved it to the object store after we claimed the job.
+        with self.engine.connect() as connection:
+            key = connection.execute(
+                select(instance_table.c.object_key).where(instance_table.c.id == instance_pk)
+            ).scalar_one_or_none()
+        return str(key) if key else None
+
+    def _download(self, key: str) -> Path:
+        target = self.spool.root / "outgoing" / f"{uuid.uuid4().hex}.dcm"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            stream = self.store.open(key)
+            try:
+                with target.open("wb") as out:
+                    shutil.copyfileobj(stream, out, _COPY_CHUNK)
+            finally:
+                stream.close()
+        except (ObjectStoreError, OSError) as exc:
+            target.unlink(missing_ok=True)
+            message = f"cannot read {key} from the object store: {exc}"
+            raise _SourceUnavailableError(message) from exc
+        return target
+
+
+def _failure(exc: Exception) -> SendResult:
+    """What an exception while sending means for the job."""
+    if isinstance(exc, _ConversionError):
+        return SendResult(None, StatusCategory.PERMANENT_FAILURE, str(exc))
+    if isinstance(exc, (ValueError, AttributeError, TypeError, KeyError)):
+        detail = f"cannot encode the instance: {exc}"
+        return SendResult(None, StatusCategory.PERMANENT_FAILURE, detail)
+    # Unreadable source, lost connection, I/O: worth another try.
+    return SendResult(None, StatusCategory.TRANSIENT_FAILURE, f"send failed: {exc}")
+
+
+def _open(path: Path) -> int | None:
+    try:
+        return os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+
+
+def _convert(dataset: Dataset, target: str) -> str:
+    """Make *dataset* encodable in the uncompressed *target* syntax; describe what changed."""
+    stored = UID(str(dataset.file_meta.TransferSyntaxUID))
+    if stored.is_compressed:
+        try:
+            dataset.decompress(generate_instance_uid=False)
+        except Exception as exc:
+            raise _ConversionError(
+                f"cannot decompress {syntax_name(stored)} for a destination that accepts only "
+                f"uncompressed data: {exc}"
+            ) from exc
+    target_uid = UID(target)
+    dataset.file_meta.TransferSyntaxUID = target_uid
+    dataset.set_original_encoding(target_uid.is_implicit_VR, target_uid.is_little_endian)
+    return f"sent as {syntax_name(target)} (stored as {syntax_name(stored)})"

@@ -1,0 +1,94 @@
+"""Presentation contexts to propose to a destination, and how to send each instance.
+
+Pure decisions: the stored transfer syntax is proposed first; when the destination
+accepts none of an instance's stored syntax, it may be decompressed to an uncompressed
+syntax it does accept (never to a lossy one), or it cannot be sent and says why.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from pydicom.uid import UID
+
+EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
+IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
+UNCOMPRESSED = (EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN)
+# Syntaxes that convert to UNCOMPRESSED by re-encoding alone (pixels untouched).
+REENCODABLE = frozenset(
+    {*UNCOMPRESSED, "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"}  # big endian, deflated
+)
+MAX_CONTEXTS = 128  # PS3.8: presentation context IDs are odd numbers 1-255
+
+
+def syntax_name(uid: str) -> str:
+    name = UID(uid).name
+    return name if name and name != uid else uid
+
+
+@dataclass(frozen=True, slots=True)
+class ProposedContext:
+    abstract_syntax: str
+    transfer_syntaxes: tuple[str, ...]
+
+
+def contexts_for(items: Iterable[tuple[str, str]], *, decompress: bool) -> list[ProposedContext]:
+    """Contexts for (SOP class, stored transfer syntax) pairs: each stored syntax in its
+    own context (so the destination answers for it alone), plus one uncompressed context
+    per SOP class as the fallback when conversion is allowed."""
+    contexts: list[ProposedContext] = []
+    seen: set[tuple[str, tuple[str, ...]]] = set()
+    for sop_class, syntax in items:
+        candidates: list[tuple[str, tuple[str, ...]]] = [(sop_class, (syntax,))]
+        if decompress or syntax in REENCODABLE:
+            candidates.append((sop_class, UNCOMPRESSED))
+        for key in candidates:
+            if key not in seen:
+                seen.add(key)
+                contexts.append(ProposedContext(key[0], key[1]))
+    return contexts
+
+
+def fits(items: Iterable[tuple[str, str]], *, decompress: bool) -> bool:
+    return len(contexts_for(items, decompress=decompress)) <= MAX_CONTEXTS
+
+
+class Mode(enum.Enum):
+    AS_STORED = "as stored"
+    CONVERT = "convert"
+    IMPOSSIBLE = "impossible"
+
+
+@dataclass(frozen=True, slots=True)
+class SendPlan:
+    mode: Mode
+    transfer_syntax: str | None = None
+    reason: str = ""
+
+
+def plan(
+    sop_class: str, stored: str, accepted: set[tuple[str, str]], *, decompress: bool
+) -> SendPlan:
+    """How to send one instance over an association with these accepted contexts."""
+    if (sop_class, stored) in accepted:
+        return SendPlan(Mode.AS_STORED, stored)
+    offered = sorted(ts for sop, ts in accepted if sop == sop_class)
+    if not offered:
+        return SendPlan(
+            Mode.IMPOSSIBLE,
+            reason=f"destination does not accept SOP class {syntax_name(sop_class)}",
+        )
+    uncompressed = [ts for ts in UNCOMPRESSED if ts in offered]
+    if uncompressed and (decompress or stored in REENCODABLE):
+        return SendPlan(Mode.CONVERT, uncompressed[0])
+    names = ", ".join(syntax_name(ts) for ts in offered)
+    why = "decompression is disabled for it" if uncompressed else "no conversion is possible"
+    return SendPlan(
+        Mode.IMPOSSIBLE,
+        reason=(
+            f"destination accepts {syntax_name(sop_class)} only as {names}; the instance is "
+            f"stored as {syntax_name(stored)} and {why}"
+        ),
+    )

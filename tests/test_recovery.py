@@ -1,0 +1,128 @@
+"""Start-up recovery and the edges of the durability promise."""
+
+from __future__ import annotations
+
+import threading
+import traceback
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.engine.base import RootTransaction
+from sqlalchemy.exc import OperationalError
+
+from gateway.index import repository
+from gateway.index.repository import AssociationFacts
+from gateway.node import Node, StartupError
+from gateway.receiver import _Session
+from gateway.status import Status
+from tests.helpers.data import make_study
+from tests.helpers.net import wait_until
+from tests.helpers.nodes import make_config, running_node, wait_uploaded
+from tests.helpers.scu import send_files
+
+pytestmark = pytest.mark.integration
+
+
+def _count(node: Node, sql: str) -> int:
+    with node.engine.connect() as connection:
+        return int(connection.execute(text(sql)).scalar_one())
+
+
+def test_unreferenced_spool_files_are_set_aside_not_deleted(
+    tmp_path: Path, database_url: str
+) -> None:
+    config = make_config(tmp_path, database_url)
+    with running_node(config):
+        pass
+    stray = tmp_path / "spool" / "ready" / "0123456789abcdef0123456789abcdef.dcm"
+    stray.write_bytes(b"bytes no index row points to")
+    with running_node(config) as node:
+        assert not stray.exists()
+        kept = node.spool.orphaned / stray.name
+        assert kept.read_bytes() == b"bytes no index row points to"
+
+
+def test_node_identity_survives_restarts_and_an_empty_one_stops_the_start(
+    tmp_path: Path, database_url: str
+) -> None:
+    config = make_config(tmp_path, database_url)
+    with running_node(config) as node:
+        first = node.name
+    with running_node(config) as node:
+        assert node.name == first
+    (tmp_path / "spool" / "node-id").write_text("")
+    with pytest.raises(StartupError, match="node-id is empty"):
+        Node(config)
+
+
+def test_a_commit_that_fails_after_reaching_the_database_loses_nothing(
+    tmp_path: Path, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The COMMIT is applied but the client sees an error: the sender gets 0xA700 and
+    re-sends; the instance must end up stored once, with its bytes."""
+    original = RootTransaction.commit
+    armed = threading.Event()
+    armed.set()
+
+    def commit_then_lose_connection(self: Any) -> None:
+        original(self)
+        stack = "".join(traceback.format_stack())
+        if armed.is_set() and "ingest.py" in stack and "in _commit" in stack:
+            armed.clear()
+            raise OperationalError("COMMIT", {}, Exception("server closed the connection"))
+
+    monkeypatch.setattr(RootTransaction, "commit", commit_then_lose_connection)
+    config = make_config(tmp_path, database_url)
+    files = make_study(tmp_path / "study", 1)
+    with running_node(config) as node:
+        first = send_files(node.receiver.port, files)
+        assert first.statuses[0][1] == Status.OUT_OF_RESOURCES
+        second = send_files(node.receiver.port, files)
+        assert second.statuses[0][1] == Status.SUCCESS
+        wait_uploaded(node.engine, 1)
+        assert _count(node, "SELECT count(*) FROM instance") == 1
+        assert list(node.spool.ready.iterdir()) == []
+
+
+def test_a_resend_restores_a_spooled_instance_whose_file_went_missing(
+    tmp_path: Path, database_url: str
+) -> None:
+    objects = tmp_path / "objects"
+    objects.write_text("store unavailable, so the instance stays in the spool")
+    config = make_config(tmp_path, database_url)
+    files = make_study(tmp_path / "study", 1)
+    with running_node(config) as node:
+        assert send_files(node.receiver.port, files).statuses[0][1] == 0
+        (lost,) = node.spool.ready.iterdir()
+        lost.unlink()
+        assert send_files(node.receiver.port, files).statuses[0][1] == 0
+        assert len(list(node.spool.ready.iterdir())) == 1
+        objects.unlink()
+        wait_uploaded(node.engine, 1)
+        assert _count(node, "SELECT count(*) FROM instance") == 1
+
+
+class _DeadAssociation:
+    """Stands in for a pynetdicom association whose thread died (nothing else to do)."""
+
+    dimse = None
+
+    def is_alive(self) -> bool:
+        return False
+
+
+def test_sessions_of_dead_association_threads_are_closed(node: Node) -> None:
+    facts = AssociationFacts(
+        "dead-1", node.name, "CT01", "GATEWAY", "127.0.0.1", 1, node.ingestor.clock()
+    )
+    session = _Session(facts)
+    with node.engine.begin() as connection:
+        repository.insert_association(connection, facts, "established")
+    session.recorded = True
+    node.receiver._sessions[_DeadAssociation()] = session
+    assert node.receiver.reap() == 1
+    wait_until(
+        lambda: _count(node, "SELECT count(*) FROM association WHERE outcome = 'aborted'") == 1, 5
+    )
