@@ -6,10 +6,12 @@ import argparse
 import os
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from gateway import __version__
+from gateway.admin_cli import add_commands
 from gateway.config import ConfigError, GatewayConfig, LoggingConfig, load_config
 
 CONFIG_ENV = "DICOM_GATEWAY_CONFIG"
@@ -149,6 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
     echo.add_argument("--calling-ae", default="ECHOSCU", help="our AE title (default ECHOSCU)")
     echo.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
     echo.set_defaults(handler=cmd_echo)
+
+    def with_loaded_config(command: Callable[[GatewayConfig, argparse.Namespace], int]) -> Any:
+        return lambda args: command(_load(args), args)
+
+    add_commands(commands, with_config, with_loaded_config)
     return parser
 
 

@@ -28,7 +28,7 @@ from gateway.logs import get_logger
 from gateway.objectstore import ObjectStore
 from gateway.scu import AssociationFailedError, DestinationLink, SendResult
 from gateway.spool import Spool
-from gateway.status import StatusCategory, describe
+from gateway.status import StatusCategory
 
 log = get_logger(__name__)
 
@@ -253,8 +253,8 @@ class DestinationWorker:
     def _dead_letter(
         self, job: ClaimedJob, status: int | None, reason: str, association_id: str
     ) -> None:
-        shown = f"{describe(status)}: {reason}" if status is not None else reason
-        self._record(job, Outcome("permanent", status, reason, dead_reason=shown), association_id)
+        # Reasons from a response already start with the described status.
+        self._record(job, Outcome("permanent", status, reason, dead_reason=reason), association_id)
         log.warning(
             "dead_letter",
             destination=self.destination.name,
@@ -263,7 +263,7 @@ class DestinationWorker:
             sop_instance_uid=job.sop_instance_uid,
             status=f"0x{status:04X}" if status is not None else None,
             attempts=job.attempts + 1,
-            reason=shown,
+            reason=reason,
         )
 
     def _record(self, job: ClaimedJob, outcome: Outcome, association_id: str) -> None:

@@ -97,6 +97,11 @@ class DestinationLink:
             max_pdu=destination.max_pdu_length,
         )
         if not assoc.is_established:
+            if assoc.rejected_contexts and not assoc.is_rejected:
+                # The destination answered but accepted none of the contexts: nothing in
+                # this batch can be sent as proposed (each job gets a permanent reason).
+                self.accepted = set()
+                return
             raise AssociationFailedError(self._failure_reason(assoc))
         self._assoc = assoc
         self.accepted = {
@@ -122,14 +127,14 @@ class DestinationLink:
 
     def send(self, job: ClaimedJob, route_morph: MorphConfig | None) -> SendResult:
         """Send one instance; never raises for anything the destination or data did."""
-        if self._assoc is None or not self._assoc.is_established:
-            return SendResult(None, StatusCategory.TRANSIENT_FAILURE, "association lost")
         decision = plan(
             job.sop_class_uid, job.transfer_syntax_uid, self.accepted,
             decompress=self.destination.decompress,
         )
         if decision.mode is Mode.IMPOSSIBLE:
             return SendResult(None, StatusCategory.PERMANENT_FAILURE, decision.reason)
+        if self._assoc is None or not self._assoc.is_established:
+            return SendResult(None, StatusCategory.TRANSIENT_FAILURE, "association lost")
         morphs = [m for m in (route_morph, self.destination.morph) if m and not m.is_empty()]
         try:
             response, note = self._transmit(job, decision, morphs)

@@ -76,10 +76,15 @@ def plan(
         return SendPlan(Mode.AS_STORED, stored)
     offered = sorted(ts for sop, ts in accepted if sop == sop_class)
     if not offered:
-        return SendPlan(
-            Mode.IMPOSSIBLE,
-            reason=f"destination does not accept SOP class {syntax_name(sop_class)}",
+        reason = (
+            f"destination accepted no presentation context for {syntax_name(sop_class)} "
+            f"(proposed as {syntax_name(stored)}"
         )
+        if decompress or stored in REENCODABLE:
+            reason += " and uncompressed)"
+        else:
+            reason += "; decompression is disabled for it)"
+        return SendPlan(Mode.IMPOSSIBLE, reason=reason)
     uncompressed = [ts for ts in UNCOMPRESSED if ts in offered]
     if uncompressed and (decompress or stored in REENCODABLE):
         return SendPlan(Mode.CONVERT, uncompressed[0])

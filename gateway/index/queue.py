@@ -149,9 +149,11 @@ def _record_attempt(
     status: int | None,
     error: str | None,
     forward_association_id: str | None,
+    node: str | None,
 ) -> None:
     connection.execute(
         attempt_table.insert().values(
+            node=node,
             job_pk=job_id,
             attempted_at=now,
             outcome=outcome,
@@ -217,6 +219,7 @@ def record_outcome(
         status=result.status,
         error=result.error,
         forward_association_id=forward_association_id,
+        node=owner.split(":", 1)[0],
     )
     return True
 

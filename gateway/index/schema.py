@@ -212,6 +212,8 @@ class ForwardAttempt(Base):
     status: Mapped[int | None]
     error: Mapped[str | None] = mapped_column(Text)
     forward_association_id: Mapped[str | None] = mapped_column(String(36))
+    node: Mapped[str | None]
+    """The gateway node whose worker made the attempt."""
 
 
 class Association(Base):

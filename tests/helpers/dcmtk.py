@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.helpers.loopback import loopback_preload
 from tests.helpers.net import LOOPBACK, free_port, wait_for_port
 
 DCMTK_BIN = Path("/usr/bin")
@@ -118,7 +119,7 @@ def storescp(
          "+xa", *options, str(port)],
         stdout=log,
         stderr=subprocess.STDOUT,
-        env=dcmtk_env(),
+        env={**dcmtk_env(), **loopback_preload()},  # storescp has no listen-address option
     )
     try:
         wait_for_port(port)

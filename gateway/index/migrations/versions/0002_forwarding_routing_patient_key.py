@@ -56,6 +56,7 @@ def upgrade() -> None:
     sa.Column('status', sa.Integer(), nullable=True),
     sa.Column('error', sa.Text(), nullable=True),
     sa.Column('forward_association_id', sa.String(length=36), nullable=True),
+    sa.Column('node', sa.String(), nullable=True),
     sa.ForeignKeyConstraint(['job_pk'], ['forward_job.id'], name=op.f('fk_forward_attempt_job_pk_forward_job')),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_forward_attempt'))
     )
