@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+from pynetdicom import _config
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -29,6 +30,7 @@ from gateway.objectstore import ObjectStore
 from gateway.scu import AssociationFailedError, DestinationLink, SendResult
 from gateway.spool import Spool
 from gateway.status import StatusCategory
+from gateway.transfer import fits
 
 log = get_logger(__name__)
 
@@ -52,12 +54,18 @@ class DestinationState:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def failed(self) -> float:
-        """Record an association-level failure; return the pause before the next try."""
+        """Record a destination-level failure; return the pause before the next try.
+
+        Workers failing together in one outage count once, not once each.
+        """
         with self.lock:
+            now = time.monotonic()
+            if now < self.paused_until:
+                return self.paused_until - now
             self.consecutive_failures += 1
             retry = self.config.retry
             delay = retry_delay(self.consecutive_failures, retry.initial_seconds, retry.max_seconds)
-            self.paused_until = time.monotonic() + delay
+            self.paused_until = now + delay
             return delay
 
     def succeeded(self) -> bool:
@@ -91,7 +99,6 @@ class ForwardSettings:
     store: ObjectStore
     node_name: str
     calling_ae_title: str
-    route_morphs: Mapping[str, MorphConfig]
     clock: Callable[[], dt.datetime] = _utcnow
 
 
@@ -137,10 +144,11 @@ class DestinationWorker:
                 continue
             try:
                 self._send_batch(jobs)
-            except Exception:
+            except Exception as exc:
+                # A defect, not the destination: count it as a try so the backoff and
+                # the dead-letter limit apply instead of a tight loop on the same study.
                 log.exception("forward_batch_internal_error", destination=self.destination.name)
-                self._release([job.id for job in jobs])
-                self._stopping.wait(1.0)
+                self._fail_all(jobs, f"internal error ({type(exc).__name__}), see the log", "")
 
     def _claim(self) -> list[ClaimedJob]:
         with self.settings.engine.begin() as connection:
@@ -156,9 +164,16 @@ class DestinationWorker:
 
     # --- one batch -------------------------------------------------------------------
 
+    def _fail_all(self, jobs: list[ClaimedJob], error: str, association_id: str) -> float:
+        delay = self.state.failed()
+        for job in jobs:
+            self._record_transient(job, None, error, association_id)
+        return delay
+
     def _send_batch(self, jobs: list[ClaimedJob]) -> None:
         association_id = str(uuid.uuid4())
         started = time.monotonic()
+        jobs = self._fitting(jobs)
         link = DestinationLink(
             self.destination, self.settings.calling_ae_title, self.settings.spool,
             self.settings.store, self.settings.engine,
@@ -166,15 +181,15 @@ class DestinationWorker:
         try:
             link.open([(job.sop_class_uid, job.transfer_syntax_uid) for job in jobs])
         except AssociationFailedError as exc:
-            delay = self.state.failed()
-            for job in jobs:
-                self._record_transient(job, None, str(exc), association_id)
+            delay = self._fail_all(jobs, str(exc), association_id)
             self._log_association(
                 _BatchSummary(association_id, started, untried=len(jobs), outcome=str(exc))
             )
             log.warning("destination_unavailable", destination=self.destination.name,
                         error=str(exc), retry_in_s=round(delay, 1))
             return
+        if link.established and self.state.succeeded():
+            log.info("destination_recovered", destination=self.destination.name)
         summary = _BatchSummary(association_id, started)
         remaining = list(jobs)
         renewed = time.monotonic()
@@ -184,7 +199,7 @@ class DestinationWorker:
                     summary.outcome = "stopped"
                     break
                 job = remaining.pop(0)
-                result = link.send(job, self.settings.route_morphs.get(job.route))
+                result = link.send(job, _route_morph(job))
                 category = self._record_result(job, result, association_id)
                 if category in (StatusCategory.SUCCESS, StatusCategory.WARNING):
                     summary.sent += 1
@@ -203,9 +218,20 @@ class DestinationWorker:
             if remaining:
                 self._release([job.id for job in remaining])
         summary.untried = len(remaining)
-        if summary.sent and self.state.succeeded():
-            log.info("destination_recovered", destination=self.destination.name)
         self._log_association(summary)
+
+    def _fitting(self, jobs: list[ClaimedJob]) -> list[ClaimedJob]:
+        """The longest prefix whose presentation contexts fit in one association."""
+        decompress = self.destination.decompress
+        count = len(jobs)
+        while count > 1 and not fits(
+            [(job.sop_class_uid, job.transfer_syntax_uid) for job in jobs[:count]],
+            decompress=decompress,
+        ):
+            count -= 1
+        if count < len(jobs):
+            self._release([job.id for job in jobs[count:]])
+        return jobs[:count]
 
     def _log_association(self, summary: _BatchSummary) -> None:
         log.info(
@@ -301,6 +327,10 @@ class DestinationWorker:
             log.error("forward_lease_renewal_failed", error=describe_error(exc))
 
 
+def _route_morph(job: ClaimedJob) -> MorphConfig | None:
+    return MorphConfig.model_validate_json(job.route_morph) if job.route_morph else None
+
+
 class Forwarder:
     """All destinations' workers."""
 
@@ -314,12 +344,15 @@ class Forwarder:
         ]
 
     def start(self) -> None:
+        _config.STORE_SEND_CHUNKED_DATASET = True  # stream files as stored
+        now = self.settings.clock()
         with self.settings.engine.begin() as connection:
-            released = queue.release_node_leases(
-                connection, self.settings.node_name, self.settings.clock()
-            )
+            released = queue.release_node_leases(connection, self.settings.node_name, now)
+            orphaned = queue.dead_letter_unconfigured(connection, list(self.states), now)
         if released:
             log.info("forward_jobs_recovered", jobs=released)
+        if orphaned:
+            log.warning("forward_jobs_for_unknown_destinations", jobs=orphaned)
         for worker in self.workers:
             worker.start()
 

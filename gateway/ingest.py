@@ -247,6 +247,9 @@ class Ingestor:
             association_id=sender.association_id,
             received_at=self.clock(),
             destinations=dict(decision.destinations) if decision else {},
+            route_morphs={
+                name: morph.model_dump_json() for name, morph in decision.morphs.items()
+            } if decision else {},
             routed=not decision.unrouted if decision else None,
         )
 

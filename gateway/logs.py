@@ -99,6 +99,8 @@ def configure_logging(
     # pynetdicom is chatty at INFO (one line per PDU event); its errors still come through.
     logging.getLogger("pynetdicom").setLevel(max(level, logging.WARNING))
     logging.getLogger("sqlalchemy").setLevel(logging.WARNING)
+    # pydicom's warnings quote attribute values (PHI) when it meets non-conformant data.
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
     logging.getLogger("urllib3").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(max(level, logging.WARNING))
 

@@ -78,7 +78,6 @@ class Node:
                 store=self.store,
                 node_name=self.name,
                 calling_ae_title=config.node.ae_title,
-                route_morphs={rule.name: rule.morph for rule in rules},
             ),
         )
         self.ingestor = Ingestor(
@@ -146,6 +145,7 @@ class Node:
     def recover(self) -> None:
         """Account for a previous run that stopped abruptly (kill -9, power loss)."""
         partial = self.spool.clear_incoming()
+        self.spool.clear_outgoing()
         now = dt.datetime.now(dt.UTC)
         with self.engine.begin() as connection:
             interrupted = repository.mark_interrupted_associations(connection, self.name, now)

@@ -111,6 +111,8 @@ class RoutingDecision:
 
     destinations: Mapping[str, str]
     matched_routes: tuple[str, ...]
+    morphs: Mapping[str, MorphConfig] = field(default_factory=dict)
+    """Route name -> its morphing, for the matched routes that morph."""
 
     @property
     def unrouted(self) -> bool:
@@ -121,15 +123,18 @@ def decide(facts: Mapping[str, Values], rules: Sequence[Rule]) -> RoutingDecisio
     """Evaluate *rules* in order against *facts* (keywords and association keys)."""
     destinations: dict[str, str] = {}
     matched: list[str] = []
+    morphs: dict[str, MorphConfig] = {}
     for rule in rules:
         if not rule.matches(facts):
             continue
         matched.append(rule.name)
+        if not rule.morph.is_empty():
+            morphs[rule.name] = rule.morph
         for destination in rule.destinations:
             destinations.setdefault(destination, rule.name)
         if rule.final:
             break
-    return RoutingDecision(destinations, tuple(matched))
+    return RoutingDecision(destinations, tuple(matched), morphs)
 
 
 def association_facts(calling_ae: str, called_ae: str, source_address: str) -> dict[str, Values]:

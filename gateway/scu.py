@@ -19,8 +19,9 @@ from typing import Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
-from pynetdicom import AE, _config
+from pynetdicom import AE
 from sqlalchemy import Engine, select
 
 from gateway import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
@@ -79,23 +80,34 @@ class DestinationLink:
         self.accepted: set[tuple[str, str]] = set()
         self._assoc: Any = None
 
+    @property
+    def established(self) -> bool:
+        return self._assoc is not None and bool(self._assoc.is_established)
+
     def open(self, items: list[tuple[str, str]]) -> None:
         """Associate, proposing contexts for these (SOP class, stored syntax) pairs."""
-        _config.STORE_SEND_CHUNKED_DATASET = True
         destination = self.destination
         ae = AE(ae_title=self.calling_ae_title)
         ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
         ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
-        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = destination.timeout
+        ae.acse_timeout = ae.dimse_timeout = destination.timeout
         ae.connection_timeout = destination.timeout
+        # No idle timeout on our own association: fetching, decompressing or morphing a
+        # large instance between two C-STOREs must not abort it. Each response is still
+        # bounded by the DIMSE timeout.
+        ae.network_timeout = None
         for context in contexts_for(items, decompress=destination.decompress):
             ae.add_requested_context(context.abstract_syntax, list(context.transfer_syntaxes))
-        assoc = ae.associate(
-            destination.host,
-            destination.port,
-            ae_title=destination.ae_title,
-            max_pdu=destination.max_pdu_length,
-        )
+        try:
+            assoc = ae.associate(
+                destination.host,
+                destination.port,
+                ae_title=destination.ae_title,
+                max_pdu=destination.max_pdu_length,
+            )
+        except OSError as exc:  # e.g. a host name that does not resolve
+            where = f"{destination.ae_title}@{destination.host}:{destination.port}"
+            raise AssociationFailedError(f"cannot reach {where}: {exc}") from exc
         if not assoc.is_established:
             if assoc.rejected_contexts and not assoc.is_rejected:
                 # The destination answered but accepted none of the contexts: nothing in
@@ -219,11 +231,17 @@ class DestinationLink:
 
 
 def _failure(exc: Exception) -> SendResult:
-    """What an exception while sending means for the job."""
+    """What an exception while sending means for the job.
+
+    Reasons name the error type only: pydicom's messages quote attribute values.
+    """
     if isinstance(exc, _ConversionError):
         return SendResult(None, StatusCategory.PERMANENT_FAILURE, str(exc))
+    if isinstance(exc, InvalidDicomError):
+        detail = "the stored object cannot be read as DICOM (InvalidDicomError)"
+        return SendResult(None, StatusCategory.PERMANENT_FAILURE, detail)
     if isinstance(exc, (ValueError, AttributeError, TypeError, KeyError)):
-        detail = f"cannot encode the instance: {exc}"
+        detail = f"the instance cannot be encoded for sending ({type(exc).__name__})"
         return SendResult(None, StatusCategory.PERMANENT_FAILURE, detail)
     # Unreadable source, lost connection, I/O: worth another try.
     return SendResult(None, StatusCategory.TRANSIENT_FAILURE, f"send failed: {exc}")
@@ -245,7 +263,7 @@ def _convert(dataset: Dataset, target: str) -> str:
         except Exception as exc:
             raise _ConversionError(
                 f"cannot decompress {syntax_name(stored)} for a destination that accepts only "
-                f"uncompressed data: {exc}"
+                f"uncompressed data ({type(exc).__name__})"
             ) from exc
     target_uid = UID(target)
     dataset.file_meta.TransferSyntaxUID = target_uid

@@ -163,6 +163,12 @@ class Spool:
                 continue
         return removed
 
+    def clear_outgoing(self) -> None:
+        """Remove copies downloaded for forwarding by a previous run."""
+        outgoing = self.root / "outgoing"
+        if outgoing.is_dir():
+            shutil.rmtree(outgoing, ignore_errors=True)
+
     def ready_names(self) -> set[str]:
         """Names of all files in ``ready/``."""
         return {entry.name for entry in os.scandir(self.ready) if entry.name.endswith(".dcm")}

@@ -13,16 +13,21 @@ class Status(enum.IntEnum):
     """DIMSE status values the gateway sends or reacts to."""
 
     SUCCESS = 0x0000
-    # Warnings (PS3.4 B.2.3)
+    # Warnings (PS3.4 B.2.3; PS3.7 C.4 for the general ones)
     COERCION_OF_DATA_ELEMENTS = 0xB000
     ELEMENTS_DISCARDED = 0xB006
     DATASET_DOES_NOT_MATCH_SOP_CLASS_WARNING = 0xB007
+    ATTRIBUTE_LIST_ERROR = 0x0107
+    ATTRIBUTE_VALUE_OUT_OF_RANGE = 0x0116
     # Failures
+    PROCESSING_FAILURE = 0x0110
+    DUPLICATE_SOP_INSTANCE = 0x0111
     SOP_CLASS_NOT_SUPPORTED = 0x0122
+    RESOURCE_LIMITATION = 0x0213
     OUT_OF_RESOURCES = 0xA700
     DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
     CANNOT_UNDERSTAND = 0xC000
-    PROCESSING_FAILURE = 0x0110
+    CANCEL = 0xFE00
 
 
 class StatusCategory(enum.Enum):
@@ -36,14 +41,26 @@ class StatusCategory(enum.Enum):
     PERMANENT_FAILURE = "permanent"
 
 
+_WARNINGS = frozenset(
+    {Status.ATTRIBUTE_LIST_ERROR, Status.ATTRIBUTE_VALUE_OUT_OF_RANGE,
+     # The destination already has this instance: for a gateway that re-sends after a
+     # crash, that is the outcome it wanted.
+     Status.DUPLICATE_SOP_INSTANCE}
+)
+_TRANSIENT = frozenset(
+    {Status.RESOURCE_LIMITATION, Status.CANCEL,
+     # A "processing failure" is usually the peer's passing trouble, not the object's.
+     Status.PROCESSING_FAILURE}
+)
+
+
 def classify(status: int) -> StatusCategory:
     """Classify a C-STORE response status by what the sender should do next."""
     if status == Status.SUCCESS:
         return StatusCategory.SUCCESS
-    if status in (0x0001, 0x0107, 0x0116) or 0xB000 <= status <= 0xBFFF:
+    if status in _WARNINGS or 0xB000 <= status <= 0xBFFF:
         return StatusCategory.WARNING
-    if 0xA700 <= status <= 0xA7FF or status in (0x0213, 0xFE00):
-        # Out of resources, resource limitation, cancel: the object itself is fine.
+    if status in _TRANSIENT or 0xA700 <= status <= 0xA7FF:
         return StatusCategory.TRANSIENT_FAILURE
     return StatusCategory.PERMANENT_FAILURE
 

@@ -17,10 +17,17 @@ EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
 IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
 UNCOMPRESSED = (EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN)
 # Syntaxes that convert to UNCOMPRESSED by re-encoding alone (pixels untouched).
-REENCODABLE = frozenset(
-    {*UNCOMPRESSED, "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"}  # big endian, deflated
-)
+# Explicit VR big endian is not one: its pixel and other binary values would need their
+# bytes swapped, which re-encoding does not do; it goes only where it is accepted as is.
+REENCODABLE = frozenset({*UNCOMPRESSED, "1.2.840.10008.1.2.1.99"})  # deflated
 MAX_CONTEXTS = 128  # PS3.8: presentation context IDs are odd numbers 1-255
+
+
+def convertible(stored: str, *, decompress: bool) -> bool:
+    """Whether an instance stored as *stored* may be sent as an uncompressed syntax."""
+    if stored in REENCODABLE:
+        return True
+    return decompress and UID(stored).is_compressed
 
 
 def syntax_name(uid: str) -> str:
@@ -42,7 +49,7 @@ def contexts_for(items: Iterable[tuple[str, str]], *, decompress: bool) -> list[
     seen: set[tuple[str, tuple[str, ...]]] = set()
     for sop_class, syntax in items:
         candidates: list[tuple[str, tuple[str, ...]]] = [(sop_class, (syntax,))]
-        if decompress or syntax in REENCODABLE:
+        if convertible(syntax, decompress=decompress):
             candidates.append((sop_class, UNCOMPRESSED))
         for key in candidates:
             if key not in seen:
@@ -53,6 +60,12 @@ def contexts_for(items: Iterable[tuple[str, str]], *, decompress: bool) -> list[
 
 def fits(items: Iterable[tuple[str, str]], *, decompress: bool) -> bool:
     return len(contexts_for(items, decompress=decompress)) <= MAX_CONTEXTS
+
+
+def _why_not_converted(stored: str) -> str:
+    if UID(stored).is_compressed:
+        return "decompression is disabled for it"
+    return "the gateway does not convert its byte order"
 
 
 class Mode(enum.Enum):
@@ -80,16 +93,16 @@ def plan(
             f"destination accepted no presentation context for {syntax_name(sop_class)} "
             f"(proposed as {syntax_name(stored)}"
         )
-        if decompress or stored in REENCODABLE:
+        if convertible(stored, decompress=decompress):
             reason += " and uncompressed)"
         else:
-            reason += "; decompression is disabled for it)"
+            reason += f"; {_why_not_converted(stored)})"
         return SendPlan(Mode.IMPOSSIBLE, reason=reason)
     uncompressed = [ts for ts in UNCOMPRESSED if ts in offered]
-    if uncompressed and (decompress or stored in REENCODABLE):
+    if uncompressed and convertible(stored, decompress=decompress):
         return SendPlan(Mode.CONVERT, uncompressed[0])
     names = ", ".join(syntax_name(ts) for ts in offered)
-    why = "decompression is disabled for it" if uncompressed else "no conversion is possible"
+    why = _why_not_converted(stored) if uncompressed else "no conversion is possible"
     return SendPlan(
         Mode.IMPOSSIBLE,
         reason=(

@@ -77,6 +77,7 @@ def test_too_many_associations_is_a_transient_presentation_rejection() -> None:
         (0xB006, StatusCategory.WARNING),
         (0xB007, StatusCategory.WARNING),
         (0x0107, StatusCategory.WARNING),
+        (0x0001, StatusCategory.PERMANENT_FAILURE),
         (0xA700, StatusCategory.TRANSIENT_FAILURE),
         (0xA7FF, StatusCategory.TRANSIENT_FAILURE),
         (0x0213, StatusCategory.TRANSIENT_FAILURE),
@@ -84,7 +85,9 @@ def test_too_many_associations_is_a_transient_presentation_rejection() -> None:
         (0xC000, StatusCategory.PERMANENT_FAILURE),
         (0xCFFF, StatusCategory.PERMANENT_FAILURE),
         (0x0122, StatusCategory.PERMANENT_FAILURE),
-        (0x0110, StatusCategory.PERMANENT_FAILURE),
+        (0x0110, StatusCategory.TRANSIENT_FAILURE),
+        (0x0111, StatusCategory.WARNING),
+        (0xFE00, StatusCategory.TRANSIENT_FAILURE),
         (0xC211, StatusCategory.PERMANENT_FAILURE),
     ],
 )

@@ -186,6 +186,7 @@ MR = "1.2.840.10008.5.1.4.1.1.4"
 J2K = "1.2.840.10008.1.2.4.91"
 JPEG = "1.2.840.10008.1.2.4.50"
 BIG = "1.2.840.10008.1.2.2"
+DEFLATED = "1.2.840.10008.1.2.1.99"
 
 
 @pytest.mark.parametrize(
@@ -197,7 +198,9 @@ BIG = "1.2.840.10008.1.2.2"
         (J2K, {(CT, EXPLICIT), (CT, J2K)}, True, Mode.AS_STORED, J2K),
         (J2K, {(CT, EXPLICIT)}, False, Mode.IMPOSSIBLE, None),
         (J2K, {(CT, JPEG)}, True, Mode.IMPOSSIBLE, None),  # never to another (lossy) syntax
-        (BIG, {(CT, EXPLICIT)}, False, Mode.CONVERT, EXPLICIT),  # re-encoding only
+        (BIG, {(CT, EXPLICIT)}, True, Mode.IMPOSSIBLE, None),  # bytes would need swapping
+        (BIG, {(CT, BIG)}, False, Mode.AS_STORED, BIG),
+        (DEFLATED, {(CT, EXPLICIT)}, False, Mode.CONVERT, EXPLICIT),  # re-encoding only
         (EXPLICIT, {(CT, IMPLICIT)}, False, Mode.CONVERT, IMPLICIT),
         (EXPLICIT, {(MR, EXPLICIT)}, True, Mode.IMPOSSIBLE, None),  # SOP class refused
     ],

@@ -16,17 +16,26 @@ from typing import Any, cast
 
 from sqlalchemy import Connection, Table, and_, case, func, or_, select, update
 
-from gateway.index.repository import STORED, instance_table, series_table
+from gateway.index.repository import (
+    JOB_DEAD,
+    JOB_DONE,
+    JOB_IN_FLIGHT,
+    JOB_PENDING,
+    JOB_SUPERSEDED,
+    STORED,
+    instance_table,
+    series_table,
+)
 from gateway.index.schema import ForwardAttempt, ForwardJob
 
 job_table = cast(Table, ForwardJob.__table__)
 attempt_table = cast(Table, ForwardAttempt.__table__)
 
-PENDING = "pending"
-IN_FLIGHT = "in_flight"
-DONE = "done"
-DEAD = "dead"
-SUPERSEDED = "superseded"
+PENDING = JOB_PENDING
+IN_FLIGHT = JOB_IN_FLIGHT
+DONE = JOB_DONE
+DEAD = JOB_DEAD
+SUPERSEDED = JOB_SUPERSEDED
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +46,7 @@ class ClaimedJob:
     instance_pk: int
     destination: str
     route: str
+    route_morph: str | None
     attempts: int
     created_at: dt.datetime
     study_instance_uid: str
@@ -95,6 +105,7 @@ def claim_batch(
             c.instance_pk,
             c.destination,
             c.route,
+            c.route_morph,
             c.attempts,
             c.created_at,
             c.study_instance_uid,
@@ -107,6 +118,7 @@ def claim_batch(
             i.state.label("instance_state"),
             i.spool_name,
             i.object_key,
+            i.is_current,
         )
         .join(instance_table, i.id == c.instance_pk)
         .join(series_table, series_table.c.id == i.series_pk)
@@ -120,13 +132,25 @@ def claim_batch(
         .limit(limit)
         .with_for_update(skip_locked=True, of=job_table)
     ).all()
-    ids = [row.id for row in rows]
+    # A job of a version that is no longer current (it failed and came back after a newer
+    # version arrived) must never be sent: it could overwrite the newer one.
+    stale = [row.id for row in rows if not row.is_current]
+    if stale:
+        connection.execute(
+            update(job_table)
+            .where(c.id.in_(stale))
+            .values(state=SUPERSEDED, lease_owner=None, updated_at=now, completed_at=now)
+        )
+    current = [row for row in rows if row.is_current]
     connection.execute(
         update(job_table)
-        .where(c.id.in_(ids))
+        .where(c.id.in_([row.id for row in current]))
         .values(state=IN_FLIGHT, lease_owner=owner, lease_expires_at=now + lease, updated_at=now)
     )
-    return [ClaimedJob(**row._mapping) for row in rows]
+    fields = set(ClaimedJob.__dataclass_fields__)
+    return [
+        ClaimedJob(**{k: v for k, v in row._mapping.items() if k in fields}) for row in current
+    ]
 
 
 def extend_leases(
@@ -232,6 +256,23 @@ def release(connection: Connection, ids: Sequence[int], owner: str, now: dt.date
         .where(c.id.in_(list(ids)), c.lease_owner == owner, c.state == IN_FLIGHT)
         .values(state=PENDING, lease_owner=None, lease_expires_at=None, updated_at=now)
     )
+
+
+def dead_letter_unconfigured(
+    connection: Connection, configured: Sequence[str], now: dt.datetime
+) -> int:
+    """Jobs for destinations no longer in the configuration become dead letters (so they
+    are visible, and can be requeued if the destination comes back)."""
+    c = job_table.c
+    result = connection.execute(
+        update(job_table)
+        .where(c.state.in_([PENDING, IN_FLIGHT]), c.destination.not_in(list(configured)))
+        .values(
+            state=DEAD, lease_owner=None, updated_at=now, completed_at=now,
+            dead_reason="the destination is no longer in the configuration",
+        )
+    )
+    return int(result.rowcount)
 
 
 def release_node_leases(connection: Connection, node: str, now: dt.datetime) -> int:
@@ -359,7 +400,8 @@ def requeue(
     if not (job_ids or destination or study_instance_uid):
         raise ValueError("requeue needs a job id, a destination or a study")
     c = job_table.c
-    conditions = [c.state == DEAD]
+    current = select(instance_table.c.id).where(instance_table.c.is_current.is_(True))
+    conditions = [c.state == DEAD, c.instance_pk.in_(current)]
     if job_ids:
         conditions.append(c.id.in_(list(job_ids)))
     if destination:

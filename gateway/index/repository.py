@@ -28,6 +28,12 @@ forward_job_table = cast(Table, ForwardJob.__table__)
 
 SPOOLED = "spooled"
 STORED = "stored"
+# forward_job.state
+JOB_PENDING = "pending"
+JOB_IN_FLIGHT = "in_flight"
+JOB_DONE = "done"
+JOB_DEAD = "dead"
+JOB_SUPERSEDED = "superseded"
 
 
 class RecordOutcome(enum.Enum):
@@ -56,6 +62,8 @@ class InstanceRecord:
     received_at: dt.datetime
     destinations: Mapping[str, str] = field(default_factory=dict)
     """Forwarding obligations: destination name -> the route that sent it there."""
+    route_morphs: Mapping[str, str] = field(default_factory=dict)
+    """Route name -> its morphing (JSON), snapshotted with the obligation."""
     routed: bool | None = None
     """False when no route matched (unrouted); None when routing is not configured."""
 
@@ -255,8 +263,9 @@ def record_instance(
                     "instance_pk": instance_pk,
                     "destination": destination,
                     "route": route,
+                    "route_morph": record.route_morphs.get(route),
                     "study_instance_uid": attrs.study_instance_uid,
-                    "state": "pending",
+                    "state": JOB_PENDING,
                     "attempts": 0,
                     "created_at": now,
                     "updated_at": now,
@@ -273,8 +282,8 @@ def _supersede_pending_jobs(connection: Connection, instance_pk: int, now: dt.da
     c = forward_job_table.c
     connection.execute(
         update(forward_job_table)
-        .where(c.instance_pk == instance_pk, c.state == "pending")
-        .values(state="superseded", updated_at=now, completed_at=now)
+        .where(c.instance_pk == instance_pk, c.state == JOB_PENDING)
+        .values(state=JOB_SUPERSEDED, updated_at=now, completed_at=now)
     )
 
 

@@ -184,6 +184,8 @@ class ForwardJob(Base):
     instance_pk: Mapped[int] = mapped_column(ForeignKey("instance.id"), index=True)
     destination: Mapped[str]
     route: Mapped[str]
+    route_morph: Mapped[str | None] = mapped_column(Text)
+    """The route's morphing as configured when the instance was routed (JSON)."""
     study_instance_uid: Mapped[str]
     state: Mapped[str] = mapped_column(String(16), index=True)
     attempts: Mapped[int] = mapped_column(default=0)

@@ -25,6 +25,7 @@ def upgrade() -> None:
     sa.Column('instance_pk', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
     sa.Column('destination', sa.String(), nullable=False),
     sa.Column('route', sa.String(), nullable=False),
+    sa.Column('route_morph', sa.Text(), nullable=True),
     sa.Column('study_instance_uid', sa.String(), nullable=False),
     sa.Column('state', sa.String(length=16), nullable=False),
     sa.Column('attempts', sa.Integer(), nullable=False),
