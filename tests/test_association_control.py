@@ -19,10 +19,18 @@ from tests.helpers.nodes import make_config, running_node
 pytestmark = pytest.mark.integration
 
 
-def _association_rows(node: Node) -> list[dict[str, object]]:
-    with node.engine.connect() as connection:
-        rows = connection.execute(text("SELECT * FROM association ORDER BY requested_at")).all()
-    return [dict(row._mapping) for row in rows]
+def _association_rows(node: Node, expected: int | None = None) -> list[dict[str, object]]:
+    """The association log; with *expected*, wait until that many rows are closed (the
+    row of a rejection is written while the A-ASSOCIATE-RJ is already on its way)."""
+
+    def rows() -> list[dict[str, object]]:
+        with node.engine.connect() as connection:
+            result = connection.execute(text("SELECT * FROM association ORDER BY requested_at"))
+            return [dict(row._mapping) for row in result]
+
+    if expected is not None:
+        wait_until(lambda: len([r for r in rows() if r["ended_at"] is not None]) >= expected, 5)
+    return rows()
 
 
 def test_unknown_calling_ae_is_rejected_permanently_and_logged(node: Node, tmp_path: Path) -> None:
@@ -35,7 +43,7 @@ def test_unknown_calling_ae_is_rejected_permanently_and_logged(node: Node, tmp_p
     assert event["calling_ae"] == "INTRUDER"
     assert (event["result"], event["source"], event["diagnostic"]) == (1, 1, 3)
     assert "INTRUDER" in event["reason"]
-    (row,) = _association_rows(node)
+    (row,) = _association_rows(node, 1)
     assert row["outcome"] == "rejected"
     assert row["calling_ae"] == "INTRUDER"
     assert "not configured" in str(row["reject_reason"])
@@ -47,7 +55,7 @@ def test_wrong_called_ae_is_rejected_with_called_ae_not_recognised(
     result = dcmtk.storescu(node.receiver.port, make_study(tmp_path, 1), called="OTHERNODE")
     assert not result.ok
     assert "Called AE Title Not Recognized" in result.output
-    (row,) = _association_rows(node)
+    (row,) = _association_rows(node, 1)
     assert row["outcome"] == "rejected"
     assert "OTHERNODE" in str(row["reject_reason"])
 
@@ -93,7 +101,7 @@ def test_associations_beyond_the_limit_are_rejected_transiently(tmp_path: Path) 
             assert "local-limit-exceeded" in result.output.lower().replace(" ", "-")
         finally:
             held.release()
-        rows = _association_rows(node)
+        rows = _association_rows(node, 2)
     assert [row["outcome"] for row in rows] == ["released", "rejected"]
 
 
