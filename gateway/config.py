@@ -266,6 +266,9 @@ class DestinationConfig(_Model):
     decompress: bool = True
     """When it accepts none of an instance's stored transfer syntax, decompress to explicit
     VR little endian (never to a lossy syntax). Off: such instances become dead letters."""
+    coerce_from_order: bool = False
+    """Replace the patient demographics (ID, issuer, name, birth date, sex) of the copy
+    sent here with those of the HL7 order matched to the study by accession number."""
     retry: ForwardRetryConfig = ForwardRetryConfig()
     morph: MorphConfig = MorphConfig()
 
@@ -291,6 +294,110 @@ class RouteConfig(_Model):
         return _check_match(value)
 
 
+class EventsConfig(_Model):
+    """``[events]``: study-level events raised when a study is complete (stable)."""
+
+    stable_seconds: float = Field(default=60.0, gt=0)
+    """A study is stable after this long without a new instance."""
+    fhir_version: Literal["R4", "R5"] = "R4"
+    """R4 (as R4B, what most EHRs speak) or R5."""
+    endpoint_url: str | None = None
+    """DICOMweb base URL of the archive, given as ImagingStudy.endpoint (WADO-RS)."""
+    retrieval_url: str | None = None
+    """Base URL where documents can be fetched by object key, used in attachments
+    (default: the object store location)."""
+    patient_identifier_system: str | None = None
+    """FHIR identifier system for Patient IDs without an Issuer of Patient ID."""
+    accession_identifier_system: str | None = None
+    """FHIR identifier system of accession numbers (the RIS that assigns them)."""
+    timezone: str | None = None
+    """IANA zone of DICOM dates and times without an offset (default: the host's)."""
+    check_seconds: float = Field(default=2.0, gt=0)
+    """How often studies are checked for stability."""
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str | None) -> str | None:
+        if value is not None:
+            import zoneinfo
+
+            try:
+                zoneinfo.ZoneInfo(value)
+            except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+                raise ValueError(f"{value!r} is not an IANA time zone") from None
+        return value
+
+
+SinkType = Literal["file", "fhir", "webhook", "nats"]
+
+
+class EventSinkConfig(_Model):
+    """``[[event_sink]]``: where study events (FHIR resources) are delivered."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    type: SinkType
+    path: Path | None = None
+    """file: the JSON-lines file events are appended to."""
+    url: str | None = None
+    """fhir: the FHIR server base URL; webhook: the URL events are POSTed to."""
+    token_env: str | None = None
+    """fhir: environment variable holding a bearer token (optional)."""
+    secret_env: str | None = None
+    """webhook: environment variable holding the HMAC-SHA256 signing secret."""
+    servers: tuple[str, ...] = ("nats://127.0.0.1:4222",)
+    """nats: server URLs."""
+    subject: str | None = None
+    """nats: the subject events are published to."""
+    stream: str | None = None
+    """nats: the JetStream stream (created for the subject if it does not exist)."""
+    timeout: float = Field(default=15.0, gt=0)
+    retry: ForwardRetryConfig = ForwardRetryConfig()
+
+    @model_validator(mode="after")
+    def _required_for_type(self) -> EventSinkConfig:
+        needed = {
+            "file": ("path",),
+            "fhir": ("url",),
+            "webhook": ("url", "secret_env"),
+            "nats": ("subject", "stream"),
+        }[self.type]
+        missing = [key for key in needed if getattr(self, key) in (None, "")]
+        if missing:
+            raise ValueError(f"a {self.type} sink needs {', '.join(missing)}")
+        return self
+
+
+class Hl7Config(_Model):
+    """``[hl7]``: the MLLP listener for orders and patient updates, and our identity."""
+
+    listen_port: int | None = Field(default=None, ge=0, le=65535)
+    """MLLP port; absent = no listener (0 = any free port)."""
+    host: str = "0.0.0.0"  # noqa: S104 - RIS/HIS integration engines connect over the network
+    max_message_bytes: int = Field(default=1024 * 1024, ge=1024)
+    """Longer messages are refused and the connection closed."""
+    sending_application: str = "DICOMGW"
+    sending_facility: str = ""
+    version: str = "2.5"
+    """HL7 version of the messages the gateway sends."""
+    timeout: float = Field(default=60.0, gt=0)
+    """Seconds a connection may stay silent mid-message."""
+
+
+class Hl7DestinationConfig(_Model):
+    """``[[hl7_destination]]``: an MLLP receiver told when a study is available."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    host: str
+    port: int = Field(ge=1, le=65535)
+    message: Literal["ORU^R01", "ORM^O01"] = "ORU^R01"
+    """ORU^R01 (result: study available) or ORM^O01 (order status: completed)."""
+    receiving_application: str = ""
+    receiving_facility: str = ""
+    timeout: float = Field(default=30.0, gt=0)
+    """Seconds to connect and to wait for the ACK."""
+    retry: ForwardRetryConfig = ForwardRetryConfig()
+
+
 class LoggingConfig(_Model):
     """``[logging]``."""
 
@@ -309,6 +416,10 @@ class GatewayConfig(_Model):
     calling_ae: tuple[CallingAEConfig, ...] = ()
     destination: tuple[DestinationConfig, ...] = ()
     route: tuple[RouteConfig, ...] = ()
+    events: EventsConfig = EventsConfig()
+    event_sink: tuple[EventSinkConfig, ...] = ()
+    hl7: Hl7Config = Hl7Config()
+    hl7_destination: tuple[Hl7DestinationConfig, ...] = ()
     logging: LoggingConfig = LoggingConfig()
 
     @model_validator(mode="after")
@@ -317,6 +428,9 @@ class GatewayConfig(_Model):
             ("calling AE title", [entry.ae_title for entry in self.calling_ae]),
             ("destination", [entry.name for entry in self.destination]),
             ("route", [entry.name for entry in self.route]),
+            ("event sink or HL7 destination",
+             [sink.name for sink in self.event_sink]
+             + [target.name for target in self.hl7_destination]),
         ):
             seen: set[str] = set()
             for name in names:

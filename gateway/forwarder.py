@@ -24,7 +24,8 @@ from gateway.backoff import retry_delay
 from gateway.config import DestinationConfig, MorphConfig
 from gateway.index import queue
 from gateway.index.database import describe_error
-from gateway.index.queue import ClaimedJob, Outcome
+from gateway.index.outbox import Outcome
+from gateway.index.queue import ClaimedJob
 from gateway.logs import get_logger
 from gateway.objectstore import ObjectStore
 from gateway.scu import AssociationFailedError, DestinationLink, SendResult

@@ -25,6 +25,7 @@ from gateway.dicom.attributes import (
     InstanceAttributes,
     InvalidInstanceError,
     extract_attributes,
+    is_document,
 )
 from gateway.dicom.header import Header, HeaderError, read_file_meta, read_header
 from gateway.dicom.transfer_syntax import dataset_encoding
@@ -233,13 +234,14 @@ class Ingestor:
                     raise _RefusedError(Status.CANNOT_UNDERSTAND, "empty dataset")
                 _check_matches_request(attributes, received)
                 decision = self.router(header, sender) if self.router else None
-            digest = _sha256_from(stream, offset)
+            digest, sha1 = _digests(stream, offset, with_sha1=is_document(attributes.sop_class_uid))
         return InstanceRecord(
             attributes=attributes,
             transfer_syntax_uid=received.transfer_syntax_uid,
             size=size,
             dataset_offset=offset,
             sha256=digest,
+            sha1=sha1,
             spool_name="",
             received_by=self.node_name,
             calling_ae=sender.calling_ae,
@@ -254,15 +256,26 @@ class Ingestor:
         )
 
 
-def _sha256_from(stream: BufferedReader, offset: int) -> str:
-    """SHA-256 of the file from *offset*, read in chunks (a mapping would count in RSS)."""
+def _digests(stream: BufferedReader, offset: int, *, with_sha1: bool) -> tuple[str, str | None]:
+    """SHA-256 of the dataset (from *offset*) and, for documents, SHA-1 of the whole file
+    (FHIR attachments use SHA-1). Read in chunks: a mapping would count in RSS."""
     digest = hashlib.sha256()
+    whole = hashlib.sha1() if with_sha1 else None  # noqa: S324 - required by FHIR Attachment.hash
     buffer = bytearray(_HASH_CHUNK)
     view = memoryview(buffer)
-    stream.seek(offset)
+    position = 0
+    stream.seek(0 if whole else offset)
+    if not whole:
+        position = offset
     while count := stream.readinto(buffer):
-        digest.update(view[:count])
-    return digest.hexdigest()
+        chunk = view[:count]
+        if whole is not None:
+            whole.update(chunk)
+        start = max(0, offset - position)
+        if start < count:
+            digest.update(chunk[start:])
+        position += count
+    return digest.hexdigest(), whole.hexdigest() if whole else None
 
 
 def _check_matches_request(attributes: InstanceAttributes, received: ReceivedInstance) -> None:

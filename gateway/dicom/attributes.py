@@ -42,7 +42,26 @@ INDEXED_KEYWORDS: Final = (
     "SeriesNumber",
     "InstanceNumber",
     "NumberOfFrames",
+    # Documents (encapsulated PDF/CDA, structured reports), for FHIR DocumentReference:
+    "ContentDate",
+    "ContentTime",
+    "ConceptNameCodeSequence",
+    "DocumentTitle",
+    "MIMETypeOfEncapsulatedDocument",
 )
+
+ENCAPSULATED_DOCUMENTS: Final = frozenset(
+    {"1.2.840.10008.5.1.4.1.1.104.1", "1.2.840.10008.5.1.4.1.1.104.2"}  # PDF, CDA
+)
+_SR_PREFIX: Final = "1.2.840.10008.5.1.4.1.1.88."
+_KEY_OBJECT_SELECTION: Final = "1.2.840.10008.5.1.4.1.1.88.59"
+
+
+def is_document(sop_class_uid: str) -> bool:
+    """Encapsulated PDF/CDA and structured reports (but not key object selections)."""
+    if sop_class_uid in ENCAPSULATED_DOCUMENTS:
+        return True
+    return sop_class_uid.startswith(_SR_PREFIX) and sop_class_uid != _KEY_OBJECT_SELECTION
 
 
 def _tag(keyword: str) -> int:
@@ -85,6 +104,10 @@ class InstanceAttributes:
     body_part_examined: str | None = None
     instance_number: int | None = None
     number_of_frames: int | None = None
+    document_title: str | None = None
+    document_mime_type: str | None = None
+    content_date: str | None = None
+    content_time: str | None = None
 
 
 def _integer(text: str | None) -> int | None:
@@ -112,11 +135,29 @@ def is_safe_uid(value: str) -> bool:
     return bool(_UID_PATTERN.match(value))
 
 
+def _document_title(header: Header, sop_class_uid: str) -> str | None:
+    title = header.first(_T["DocumentTitle"])
+    if title or not sop_class_uid.startswith(_SR_PREFIX):
+        return title
+    # A structured report's title is the meaning of its root concept name.
+    if _T["ConceptNameCodeSequence"] not in header:
+        return None
+    try:
+        sequence = header.dataset().ConceptNameCodeSequence
+        meaning = sequence[0].get("CodeMeaning") if sequence else None
+    except Exception:  # noqa: BLE001 - a malformed optional sequence only loses the title
+        return None
+    text = str(meaning or "").replace("\x00", "").strip()
+    return text or None
+
+
 def extract_attributes(header: Header) -> InstanceAttributes:
     """Take the indexed attributes from *header*; raise if it cannot be indexed."""
     first = header.first
+    sop_class_uid = _required_uid(header, "SOPClassUID")
+    document = is_document(sop_class_uid)
     return InstanceAttributes(
-        sop_class_uid=_required_uid(header, "SOPClassUID"),
+        sop_class_uid=sop_class_uid,
         sop_instance_uid=_required_uid(header, "SOPInstanceUID"),
         study_instance_uid=_required_uid(header, "StudyInstanceUID"),
         series_instance_uid=_required_uid(header, "SeriesInstanceUID"),
@@ -137,4 +178,8 @@ def extract_attributes(header: Header) -> InstanceAttributes:
         body_part_examined=first(_T["BodyPartExamined"]),
         instance_number=_integer(first(_T["InstanceNumber"])),
         number_of_frames=_integer(first(_T["NumberOfFrames"])),
+        document_title=_document_title(header, sop_class_uid) if document else None,
+        document_mime_type=first(_T["MIMETypeOfEncapsulatedDocument"]) if document else None,
+        content_date=first(_T["ContentDate"]) if document else None,
+        content_time=first(_T["ContentTime"]) if document else None,
     )

@@ -16,26 +16,19 @@ from typing import Any, cast
 
 from sqlalchemy import Connection, Table, and_, case, func, or_, select, update
 
-from gateway.index.repository import (
-    JOB_DEAD,
-    JOB_DONE,
-    JOB_IN_FLIGHT,
-    JOB_PENDING,
-    JOB_SUPERSEDED,
-    STORED,
-    instance_table,
-    series_table,
-)
+from gateway.index import outbox
+from gateway.index.outbox import Outcome
+from gateway.index.repository import STORED, instance_table, series_table
 from gateway.index.schema import ForwardAttempt, ForwardJob
 
 job_table = cast(Table, ForwardJob.__table__)
 attempt_table = cast(Table, ForwardAttempt.__table__)
 
-PENDING = JOB_PENDING
-IN_FLIGHT = JOB_IN_FLIGHT
-DONE = JOB_DONE
-DEAD = JOB_DEAD
-SUPERSEDED = JOB_SUPERSEDED
+PENDING = outbox.PENDING
+IN_FLIGHT = outbox.IN_FLIGHT
+DONE = outbox.DONE
+DEAD = outbox.DEAD
+SUPERSEDED = outbox.SUPERSEDED
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,14 +54,6 @@ class ClaimedJob:
     object_key: str | None
 
 
-def _due(now: dt.datetime) -> Any:
-    c = job_table.c
-    return or_(
-        and_(c.state == PENDING, or_(c.next_attempt_at.is_(None), c.next_attempt_at <= now)),
-        and_(c.state == IN_FLIGHT, c.lease_expires_at < now),
-    )
-
-
 def _sendable_by(node: str) -> Any:
     # A spooled instance exists only on the node that received it; once stored it is in
     # the shared object store and any node may send it.
@@ -92,7 +77,7 @@ def claim_batch(
     base = (
         select(c.id, c.study_instance_uid)
         .join(instance_table, i.id == c.instance_pk)
-        .where(c.destination == destination, _due(now), _sendable_by(node))
+        .where(c.destination == destination, outbox.due(job_table, now), _sendable_by(node))
     )
     first = connection.execute(
         base.order_by(c.id).limit(1).with_for_update(skip_locked=True, of=job_table)
@@ -125,7 +110,7 @@ def claim_batch(
         .where(
             c.destination == destination,
             c.study_instance_uid == first.study_instance_uid,
-            _due(now),
+            outbox.due(job_table, now),
             _sendable_by(node),
         )
         .order_by(c.id)
@@ -142,10 +127,8 @@ def claim_batch(
             .values(state=SUPERSEDED, lease_owner=None, updated_at=now, completed_at=now)
         )
     current = [row for row in rows if row.is_current]
-    connection.execute(
-        update(job_table)
-        .where(c.id.in_([row.id for row in current]))
-        .values(state=IN_FLIGHT, lease_owner=owner, lease_expires_at=now + lease, updated_at=now)
+    outbox.claim(
+        connection, job_table, [row.id for row in current], owner=owner, until=now + lease, now=now
     )
     fields = set(ClaimedJob.__dataclass_fields__)
     return [
@@ -156,12 +139,7 @@ def claim_batch(
 def extend_leases(
     connection: Connection, ids: Sequence[int], owner: str, until: dt.datetime
 ) -> None:
-    c = job_table.c
-    connection.execute(
-        update(job_table)
-        .where(c.id.in_(list(ids)), c.lease_owner == owner, c.state == IN_FLIGHT)
-        .values(lease_expires_at=until)
-    )
+    outbox.extend_leases(connection, job_table, ids, owner, until)
 
 
 def _record_attempt(
@@ -188,23 +166,6 @@ def _record_attempt(
     )
 
 
-def _owned(job_id: int, owner: str) -> Any:
-    c = job_table.c
-    return and_(c.id == job_id, c.lease_owner == owner, c.state == IN_FLIGHT)
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """What happened to one job, to be recorded."""
-
-    outcome: str  # success | warning | transient | permanent
-    status: int | None = None
-    error: str | None = None
-    next_attempt_at: dt.datetime | None = None
-    dead_reason: str | None = None
-    """Set when the job becomes a dead letter."""
-
-
 def record_outcome(
     connection: Connection,
     job_id: int,
@@ -216,24 +177,13 @@ def record_outcome(
     forward_association_id: str | None = None,
 ) -> bool:
     """Record one attempt and move the job on. False when the lease was lost meanwhile."""
-    values: dict[str, Any] = {
-        "attempts": attempts,
-        "updated_at": now,
-        "last_status": result.status,
-        "last_error": result.error,
-        "lease_owner": None,
-        "lease_expires_at": None,
-    }
-    if result.outcome in ("success", "warning"):
-        values.update(state=DONE, completed_at=now, next_attempt_at=None)
-        if result.outcome == "warning":
-            values["warning"] = result.error
-    elif result.dead_reason is not None:
-        values.update(state=DEAD, dead_reason=result.dead_reason, completed_at=now)
-    else:
-        values.update(state=PENDING, next_attempt_at=result.next_attempt_at)
-    updated = connection.execute(update(job_table).where(_owned(job_id, owner)).values(**values))
-    if not updated.rowcount:
+    extra: dict[str, Any] = {"last_status": result.status}
+    if result.outcome == "warning":
+        extra["warning"] = result.error
+    if not outbox.record(
+        connection, job_table, job_id, owner=owner, attempts=attempts, result=result, now=now,
+        extra=extra,
+    ):
         return False
     _record_attempt(
         connection,
@@ -250,12 +200,7 @@ def record_outcome(
 
 def release(connection: Connection, ids: Sequence[int], owner: str, now: dt.datetime) -> None:
     """Give claimed jobs back untried (stop, or the batch ended early)."""
-    c = job_table.c
-    connection.execute(
-        update(job_table)
-        .where(c.id.in_(list(ids)), c.lease_owner == owner, c.state == IN_FLIGHT)
-        .values(state=PENDING, lease_owner=None, lease_expires_at=None, updated_at=now)
-    )
+    outbox.release(connection, job_table, ids, owner, now)
 
 
 def dead_letter_unconfigured(
@@ -277,13 +222,7 @@ def dead_letter_unconfigured(
 
 def release_node_leases(connection: Connection, node: str, now: dt.datetime) -> int:
     """At start-up: jobs this node had in flight when it stopped become pending again."""
-    c = job_table.c
-    result = connection.execute(
-        update(job_table)
-        .where(c.state == IN_FLIGHT, c.lease_owner.like(f"{node}:%"))
-        .values(state=PENDING, lease_owner=None, lease_expires_at=None, updated_at=now)
-    )
-    return int(result.rowcount)
+    return outbox.release_node_leases(connection, job_table, node, now)
 
 
 # --- admin views -----------------------------------------------------------------------
@@ -409,11 +348,6 @@ def requeue(
     if study_instance_uid:
         conditions.append(c.study_instance_uid == study_instance_uid)
     result = connection.execute(
-        update(job_table)
-        .where(*conditions)
-        .values(
-            state=PENDING, attempts=0, next_attempt_at=None, dead_reason=None,
-            completed_at=None, updated_at=now,
-        )
+        update(job_table).where(*conditions).values(**outbox.requeue_values(now))
     )
     return int(result.rowcount)

@@ -17,6 +17,7 @@ from sqlalchemy import Connection, Table, and_, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from gateway.dicom.attributes import InstanceAttributes
+from gateway.index import outbox
 from gateway.index.schema import Association, ForwardJob, Instance, Patient, Series, Study
 
 patient_table = cast(Table, Patient.__table__)
@@ -28,12 +29,7 @@ forward_job_table = cast(Table, ForwardJob.__table__)
 
 SPOOLED = "spooled"
 STORED = "stored"
-# forward_job.state
-JOB_PENDING = "pending"
-JOB_IN_FLIGHT = "in_flight"
-JOB_DONE = "done"
-JOB_DEAD = "dead"
-JOB_SUPERSEDED = "superseded"
+
 
 
 class RecordOutcome(enum.Enum):
@@ -60,6 +56,7 @@ class InstanceRecord:
     called_ae: str
     association_id: str | None
     received_at: dt.datetime
+    sha1: str | None = None
     destinations: Mapping[str, str] = field(default_factory=dict)
     """Forwarding obligations: destination name -> the route that sent it there."""
     route_morphs: Mapping[str, str] = field(default_factory=dict)
@@ -252,6 +249,11 @@ def record_instance(
             received_at=now,
             upload_attempts=0,
             routed=record.routed,
+            document_title=attrs.document_title,
+            document_mime_type=attrs.document_mime_type,
+            content_date=attrs.content_date,
+            content_time=attrs.content_time,
+            sha1=record.sha1,
         )
         .returning(instance_table.c.id)
     ).scalar_one()
@@ -265,7 +267,7 @@ def record_instance(
                     "route": route,
                     "route_morph": record.route_morphs.get(route),
                     "study_instance_uid": attrs.study_instance_uid,
-                    "state": JOB_PENDING,
+                    "state": outbox.PENDING,
                     "attempts": 0,
                     "created_at": now,
                     "updated_at": now,
@@ -282,8 +284,8 @@ def _supersede_pending_jobs(connection: Connection, instance_pk: int, now: dt.da
     c = forward_job_table.c
     connection.execute(
         update(forward_job_table)
-        .where(c.instance_pk == instance_pk, c.state == JOB_PENDING)
-        .values(state=JOB_SUPERSEDED, updated_at=now, completed_at=now)
+        .where(c.instance_pk == instance_pk, c.state == outbox.PENDING)
+        .values(state=outbox.SUPERSEDED, updated_at=now, completed_at=now)
     )
 
 

@@ -83,6 +83,8 @@ class Patient(Base):
     patient_birth_date: Mapped[str | None]
     patient_sex: Mapped[str | None]
     updated_at: Mapped[dt.datetime]
+    merged_into_pk: Mapped[int | None] = mapped_column(ForeignKey("patient.id"))
+    """Set by an HL7 merge (ADT^A40): this patient's studies now belong to that one."""
 
 
 class Study(Base):
@@ -99,6 +101,14 @@ class Study(Base):
     referring_physician_name: Mapped[str | None]
     first_received_at: Mapped[dt.datetime]
     last_received_at: Mapped[dt.datetime] = mapped_column(index=True)
+    event_version: Mapped[int] = mapped_column(default=0, server_default="0")
+    """Version of the latest study event; each stable revision increases it."""
+    evented_at: Mapped[dt.datetime | None]
+    """The ``last_received_at`` the latest event covers; older means a new event is due."""
+    order_pk: Mapped[int | None] = mapped_column(ForeignKey("hl7_order.id"), index=True)
+    """The HL7 order matched by accession number."""
+    demographics_mismatch: Mapped[str | None] = mapped_column(Text)
+    """Which patient attributes differ between the matched order and the images."""
 
 
 class Series(Base):
@@ -162,6 +172,13 @@ class Instance(Base):
     last_upload_error: Mapped[str | None] = mapped_column(Text)
     routed: Mapped[bool | None] = mapped_column(Boolean, index=True)
     """False: no route matched (kept and reported as unrouted). NULL: not evaluated."""
+    document_title: Mapped[str | None]
+    """Documents (encapsulated PDF/CDA, SR): Document Title or the SR's concept name."""
+    document_mime_type: Mapped[str | None]
+    content_date: Mapped[str | None]
+    content_time: Mapped[str | None]
+    sha1: Mapped[str | None] = mapped_column(String(40))
+    """Documents only: SHA-1 of the stored object, for FHIR attachments."""
 
 
 class ForwardJob(Base):
@@ -216,6 +233,92 @@ class ForwardAttempt(Base):
     forward_association_id: Mapped[str | None] = mapped_column(String(36))
     node: Mapped[str | None]
     """The gateway node whose worker made the attempt."""
+
+
+class Hl7Order(Base):
+    """An imaging order received over HL7 (ORM^O01, OMI^O23); the latest message wins."""
+
+    __tablename__ = "hl7_order"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    order_key: Mapped[str] = mapped_column(unique=True)
+    """Placer order number, or the accession number when there is none."""
+    accession_number: Mapped[str | None] = mapped_column(index=True)
+    placer_order_number: Mapped[str | None]
+    filler_order_number: Mapped[str | None]
+    requested_procedure_id: Mapped[str | None]
+    study_instance_uid: Mapped[str | None]
+    patient_id: Mapped[str | None] = mapped_column(index=True)
+    issuer_of_patient_id: Mapped[str | None]
+    patient_name: Mapped[str | None]
+    patient_birth_date: Mapped[str | None]
+    patient_sex: Mapped[str | None]
+    procedure_code: Mapped[str | None]
+    procedure_text: Mapped[str | None]
+    modality: Mapped[str | None]
+    scheduled_station_ae: Mapped[str | None]
+    order_control: Mapped[str | None]
+    order_status: Mapped[str | None]
+    message_type: Mapped[str]
+    message_control_id: Mapped[str | None]
+    received_at: Mapped[dt.datetime]
+    updated_at: Mapped[dt.datetime] = mapped_column(index=True)
+
+
+class Hl7Message(Base):
+    """The HL7 log: every inbound message and the ACK it got (no message content)."""
+
+    __tablename__ = "hl7_message"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    received_at: Mapped[dt.datetime] = mapped_column(index=True)
+    peer_address: Mapped[str]
+    message_type: Mapped[str | None]
+    control_id: Mapped[str | None]
+    ack_code: Mapped[str] = mapped_column(String(2))
+    detail: Mapped[str | None] = mapped_column(Text)
+
+
+class Event(Base):
+    """A study event (FHIR resource or HL7 message), written in the outbox transaction."""
+
+    __tablename__ = "event"
+    __table_args__ = (Index("ix_event_study", "study_instance_uid", "version"),)
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    study_pk: Mapped[int] = mapped_column(ForeignKey("study.id"), index=True)
+    study_instance_uid: Mapped[str]
+    kind: Mapped[str] = mapped_column(String(32))
+    """``ImagingStudy``, ``DocumentReference`` or ``HL7``."""
+    resource_key: Mapped[str]
+    """What the event is about: the Study or SOP Instance UID."""
+    version: Mapped[int]
+    payload: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(index=True)
+
+
+class EventDelivery(Base):
+    """One event to one sink: the event outbox, with the forwarding queue's states."""
+
+    __tablename__ = "event_delivery"
+    __table_args__ = (
+        UniqueConstraint("event_id", "sink"),
+        Index("ix_event_delivery_queue", "sink", "state", "next_attempt_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    event_id: Mapped[str] = mapped_column(ForeignKey("event.id"), index=True)
+    sink: Mapped[str]
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    attempts: Mapped[int] = mapped_column(default=0)
+    created_at: Mapped[dt.datetime]
+    updated_at: Mapped[dt.datetime]
+    next_attempt_at: Mapped[dt.datetime | None]
+    completed_at: Mapped[dt.datetime | None]
+    lease_owner: Mapped[str | None]
+    lease_expires_at: Mapped[dt.datetime | None]
+    last_error: Mapped[str | None] = mapped_column(Text)
+    dead_reason: Mapped[str | None] = mapped_column(Text)
 
 
 class Association(Base):
