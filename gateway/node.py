@@ -11,7 +11,9 @@ import signal
 import threading
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from types import FrameType
+from zoneinfo import ZoneInfo
 
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
@@ -19,7 +21,13 @@ from sqlalchemy.exc import SQLAlchemyError
 from gateway import systemd
 from gateway.acceptance import AcceptancePolicy
 from gateway.config import GatewayConfig
+from gateway.events.builder import EventTargets
+from gateway.events.dispatcher import EventDispatcher, SinkWorker
+from gateway.events.fhir import FhirOptions
+from gateway.events.sinks import MllpSink, open_sink
+from gateway.events.watcher import StudyWatcher
 from gateway.forwarder import Forwarder, ForwardSettings
+from gateway.hl7.listener import Hl7Listener, Hl7Processor
 from gateway.index import repository
 from gateway.index.database import describe_error, make_engine, migrate
 from gateway.ingest import Ingestor
@@ -39,6 +47,10 @@ MAINTENANCE_SECONDS = 10.0
 INCOMING_SWEEP_SECONDS = 300.0
 # A partial reception idle this long belongs to no live association.
 INCOMING_STALE_SECONDS = 3600.0
+
+
+def _local_zone() -> dt.tzinfo:
+    return dt.datetime.now().astimezone().tzinfo or dt.UTC
 
 
 class StartupError(Exception):
@@ -80,6 +92,10 @@ class Node:
                 calling_ae_title=config.node.ae_title,
             ),
         )
+        self.dispatcher, self.watcher = self._events(config)
+        self.hl7_listener: Hl7Listener | None = None
+        if config.hl7.listen_port is not None:
+            self.hl7_listener = Hl7Listener(Hl7Processor(self.engine, config.hl7), config.hl7)
         self.ingestor = Ingestor(
             self.engine,
             self.spool,
@@ -95,6 +111,40 @@ class Node:
         self._stop_requested = threading.Event()
         self._stopped = False
         self._maintenance = threading.Thread(target=self._maintain, name="maintenance", daemon=True)
+
+    def _events(self, config: GatewayConfig) -> tuple[EventDispatcher, StudyWatcher]:
+        events = config.events
+        zone = ZoneInfo(events.timezone) if events.timezone else _local_zone()
+        store_url = config.storage.object_store
+        if store_url.startswith("file://"):
+            store_url = "file://" + str(Path(store_url.removeprefix("file://")).resolve())
+        targets = EventTargets(
+            fhir_sinks=config.event_sink,
+            hl7_destinations=config.hl7_destination,
+            hl7=config.hl7,
+            fhir=FhirOptions(
+                version=events.fhir_version,
+                endpoint_url=events.endpoint_url,
+                attachment_base_url=events.retrieval_url or store_url,
+                patient_identifier_system=events.patient_identifier_system,
+                accession_identifier_system=events.accession_identifier_system,
+                timezone=zone,
+            ),
+        )
+        workers = [
+            SinkWorker(open_sink(sink), sink.retry, self.engine, self.name)
+            for sink in config.event_sink
+        ] + [
+            SinkWorker(MllpSink(target, config.hl7.max_message_bytes), target.retry,
+                       self.engine, self.name)
+            for target in config.hl7_destination
+        ]
+        dispatcher = EventDispatcher(workers, self.engine, self.name)
+        watcher = StudyWatcher(
+            self.engine, targets, stable_seconds=events.stable_seconds,
+            check_seconds=events.check_seconds, on_events=dispatcher.wake,
+        )
+        return dispatcher, watcher
 
     def _on_stored(self, destinations: Mapping[str, str]) -> None:
         self.uploader.wake()
@@ -114,13 +164,16 @@ class Node:
         self.recover()
         self.uploader.start()
         self.forwarder.start()
+        self.dispatcher.start()
+        self.watcher.start()
         try:
             self.receiver.start()
+            if self.hl7_listener is not None:
+                self.hl7_listener.start()
         except OSError as exc:
-            self.forwarder.stop()
-            self.uploader.stop()
-            address = f"{self.config.node.host}:{self.config.node.port}"
-            raise StartupError(f"cannot listen on {address}: {exc.strerror}") from exc
+            self.receiver.stop(0)
+            self._stop_workers()
+            raise StartupError(f"cannot listen: {exc.strerror}") from exc
         self._maintenance.start()
         systemd.notify("READY=1")
         log.info("node_started", node=self.name, store=self.store.description)
@@ -181,12 +234,19 @@ class Node:
         self._stop_requested.set()
         systemd.notify("STOPPING=1")
         log.info("node_stopping")
+        if self.hl7_listener is not None:
+            self.hl7_listener.stop()
         self.receiver.stop(self.config.node.stop_timeout)
-        self.forwarder.stop()
-        self.uploader.stop()
+        self._stop_workers()
         self.engine.dispose()
         self.spool.close()
         log.info("node_stopped")
+
+    def _stop_workers(self) -> None:
+        self.watcher.stop()
+        self.dispatcher.stop()
+        self.forwarder.stop()
+        self.uploader.stop()
 
     def request_stop(self, signum: int | None = None, _frame: FrameType | None = None) -> None:
         if signum is not None:

@@ -27,6 +27,7 @@ from sqlalchemy import Engine, select
 from gateway import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from gateway.acceptance import describe_rejection
 from gateway.config import DestinationConfig, MorphConfig
+from gateway.index import orders
 from gateway.index.queue import ClaimedJob
 from gateway.index.repository import instance_table
 from gateway.morph import apply_morph
@@ -148,6 +149,10 @@ class DestinationLink:
         if self._assoc is None or not self._assoc.is_established:
             return SendResult(None, StatusCategory.TRANSIENT_FAILURE, "association lost")
         morphs = [m for m in (route_morph, self.destination.morph) if m and not m.is_empty()]
+        if self.destination.coerce_from_order:
+            coercion = self._order_demographics(job.study_instance_uid)
+            if coercion is not None:
+                morphs.append(coercion)
         try:
             response, note = self._transmit(job, decision, morphs)
         except Exception as exc:  # noqa: BLE001 - every failure becomes the job's outcome
@@ -204,6 +209,20 @@ class DestinationLink:
                 os.close(fd)
             if temporary is not None:
                 temporary.unlink(missing_ok=True)
+
+    def _order_demographics(self, study_instance_uid: str) -> MorphConfig | None:
+        """The matched order's patient demographics, as a morph of the forwarded copy."""
+        with self.engine.connect() as connection:
+            order = orders.order_for_study(connection, study_instance_uid)
+        if order is None:
+            return None
+        values = {
+            "PatientID": order.patient_id, "IssuerOfPatientID": order.issuer_of_patient_id,
+            "PatientName": order.patient_name, "PatientBirthDate": order.patient_birth_date,
+            "PatientSex": order.patient_sex,
+        }
+        present = {key: value for key, value in values.items() if value}
+        return MorphConfig(set=present) if present else None
 
     def _object_key_now(self, instance_pk: int) -> str | None:
         # The uploader may have moved it to the object store after we claimed the job.

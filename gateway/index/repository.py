@@ -75,7 +75,8 @@ class RecordResult:
     """A duplicate whose current version had lost its spool file now uses the new one."""
 
 
-def _insert(connection: Connection, table: Any) -> Any:
+def dialect_insert(connection: Connection, table: Any) -> Any:
+    """INSERT with ON CONFLICT support on both SQLite and PostgreSQL."""
     if connection.dialect.name == "postgresql":
         return postgresql.insert(table)
     return sqlite.insert(table)
@@ -89,7 +90,7 @@ def patient_key(attrs: InstanceAttributes) -> str:
 
 
 def _upsert_patient(connection: Connection, attrs: InstanceAttributes, now: dt.datetime) -> int:
-    stmt = _insert(connection, patient_table).values(
+    stmt = dialect_insert(connection, patient_table).values(
         patient_key=patient_key(attrs),
         patient_id=attrs.patient_id,
         issuer_of_patient_id=attrs.issuer_of_patient_id,
@@ -116,7 +117,7 @@ def _upsert_patient(connection: Connection, attrs: InstanceAttributes, now: dt.d
 def _upsert_study(
     connection: Connection, attrs: InstanceAttributes, patient_pk: int, now: dt.datetime
 ) -> int:
-    stmt = _insert(connection, study_table).values(
+    stmt = dialect_insert(connection, study_table).values(
         study_instance_uid=attrs.study_instance_uid,
         patient_pk=patient_pk,
         accession_number=attrs.accession_number,
@@ -151,7 +152,7 @@ def _upsert_study(
 def _upsert_series(
     connection: Connection, attrs: InstanceAttributes, study_pk: int, now: dt.datetime
 ) -> int:
-    stmt = _insert(connection, series_table).values(
+    stmt = dialect_insert(connection, series_table).values(
         series_instance_uid=attrs.series_instance_uid,
         study_pk=study_pk,
         modality=attrs.modality,

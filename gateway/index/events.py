@@ -1,0 +1,330 @@
+"""Study events in the index: which studies are due, their summaries, the event outbox.
+
+A study's event is raised exactly once per change: a conditional UPDATE bumps its
+``event_version`` only if no event covers its latest instance yet, and the event rows
+(and one delivery per sink) are inserted in the same transaction.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+from sqlalchemy import Connection, Table, desc, func, or_, select, update
+
+from gateway.events.fhir import (
+    InstanceSummary,
+    OrderSummary,
+    PatientSummary,
+    SeriesSummary,
+    StudySummary,
+)
+from gateway.index import outbox
+from gateway.index.repository import (
+    instance_table,
+    patient_table,
+    series_table,
+    study_table,
+)
+from gateway.index.schema import Event, EventDelivery, Hl7Order
+
+event_table = cast(Table, Event.__table__)
+delivery_table = cast(Table, EventDelivery.__table__)
+order_table = cast(Table, Hl7Order.__table__)
+
+
+def due_studies(connection: Connection, cutoff: dt.datetime, limit: int = 50) -> list[int]:
+    """Studies with no new instance since *cutoff* whose latest change has no event yet."""
+    c = study_table.c
+    rows = connection.execute(
+        select(c.id)
+        .where(
+            c.last_received_at <= cutoff,
+            or_(c.evented_at.is_(None), c.evented_at < c.last_received_at),
+        )
+        .order_by(c.last_received_at)
+        .limit(limit)
+    )
+    return [row[0] for row in rows]
+
+
+@dataclass(frozen=True, slots=True)
+class StudyEventClaim:
+    version: int
+    previous_evented_at: dt.datetime | None
+    last_received_at: dt.datetime
+
+
+def claim_study_event(
+    connection: Connection, study_pk: int, cutoff: dt.datetime
+) -> StudyEventClaim | None:
+    """Take the right to raise the next event of a study (None: not due or taken)."""
+    c = study_table.c
+    row = connection.execute(
+        select(c.event_version, c.evented_at, c.last_received_at)
+        .where(c.id == study_pk)
+        .with_for_update()
+    ).first()
+    if row is None or row.last_received_at > cutoff:
+        return None
+    if row.evented_at is not None and row.evented_at >= row.last_received_at:
+        return None
+    updated = connection.execute(
+        update(study_table)
+        .where(c.id == study_pk, c.event_version == row.event_version)
+        .values(event_version=row.event_version + 1, evented_at=row.last_received_at)
+    )
+    if not updated.rowcount:
+        return None
+    return StudyEventClaim(row.event_version + 1, row.evented_at, row.last_received_at)
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedStudy:
+    """A study summary plus what event building needs besides FHIR."""
+
+    pk: int
+    summary: StudySummary
+    series_of: dict[str, SeriesSummary]
+    received_at: dict[str, dt.datetime]
+    order_pk: int | None
+    patient_pk: int
+    patient_name: str | None
+    patient_birth_date: str | None
+    patient_sex: str | None
+
+
+def load_study(connection: Connection, study_pk: int) -> LoadedStudy:
+    """Everything about a study the events need, from the index (never the objects)."""
+    s, p, se, i = study_table.c, patient_table.c, series_table.c, instance_table.c
+    study = connection.execute(
+        select(*s, p.patient_id, p.issuer_of_patient_id, p.patient_name, p.patient_birth_date,
+               p.patient_sex)
+        .join(patient_table, p.id == s.patient_pk)
+        .where(s.id == study_pk)
+    ).one()
+    rows = connection.execute(
+        select(se.series_instance_uid, se.modality, se.series_number, se.series_description,
+               se.body_part_examined, i.sop_instance_uid, i.sop_class_uid, i.instance_number,
+               i.document_title, i.content_date, i.content_time, i.size, i.sha1, i.sha256,
+               i.object_key, i.received_at)
+        .join(series_table, se.id == i.series_pk)
+        .where(se.study_pk == study_pk, i.is_current.is_(True))
+        .order_by(se.series_number, se.id, i.instance_number, i.id)
+    ).all()
+    grouped: dict[str, list[Any]] = {}
+    for row in rows:
+        grouped.setdefault(row.series_instance_uid, []).append(row)
+    series_list = []
+    received: dict[str, dt.datetime] = {}
+    for uid, members in grouped.items():
+        head = members[0]
+        instances = []
+        for row in members:
+            key = row.object_key or _expected_key(study.study_instance_uid, uid, row)
+            instances.append(InstanceSummary(
+                sop_instance_uid=row.sop_instance_uid, sop_class_uid=row.sop_class_uid,
+                instance_number=row.instance_number, document_title=row.document_title,
+                content_date=row.content_date, content_time=row.content_time, size=row.size,
+                sha1=row.sha1, object_key=key, received_at=row.received_at,
+            ))
+            received[row.sop_instance_uid] = row.received_at
+        series_list.append(SeriesSummary(
+            series_instance_uid=uid, modality=head.modality, series_number=head.series_number,
+            series_description=head.series_description,
+            body_part_examined=head.body_part_examined, instances=tuple(instances),
+        ))
+    order = None
+    if study.order_pk is not None:
+        o = connection.execute(
+            select(order_table.c.accession_number, order_table.c.placer_order_number,
+                   order_table.c.filler_order_number).where(order_table.c.id == study.order_pk)
+        ).first()
+        if o is not None:
+            order = OrderSummary(o.accession_number, o.placer_order_number, o.filler_order_number)
+    summary = StudySummary(
+        study_instance_uid=study.study_instance_uid,
+        patient=PatientSummary(study.patient_id, study.issuer_of_patient_id or ""),
+        series=tuple(series_list),
+        accession_number=study.accession_number,
+        study_date=study.study_date,
+        study_time=study.study_time,
+        study_description=study.study_description,
+        referring_physician_name=study.referring_physician_name,
+        order=order,
+    )
+    return LoadedStudy(
+        pk=study_pk, summary=summary, series_of={s.series_instance_uid: s for s in series_list},
+        received_at=received, order_pk=study.order_pk, patient_pk=study.patient_pk,
+        patient_name=study.patient_name, patient_birth_date=study.patient_birth_date,
+        patient_sex=study.patient_sex,
+    )
+
+
+def _expected_key(study_uid: str, series_uid: str, row: Any) -> str:
+    from gateway.objectstore import object_key
+
+    return object_key(study_uid, series_uid, row.sop_instance_uid, row.sha256)
+
+
+@dataclass(frozen=True, slots=True)
+class NewEvent:
+    id: str
+    kind: str
+    resource_key: str
+    payload: str
+    sinks: tuple[str, ...]
+
+
+def insert_events(
+    connection: Connection, study_pk: int, study_uid: str, *, version: int,
+    events: Iterable[NewEvent], now: dt.datetime,
+) -> list[str]:
+    """Write events and their deliveries (the outbox); returns the event ids."""
+    ids = []
+    for new in events:
+        event_id = new.id
+        connection.execute(event_table.insert().values(
+            id=event_id, study_pk=study_pk, study_instance_uid=study_uid, kind=new.kind,
+            resource_key=new.resource_key, version=version, payload=new.payload,
+            created_at=now,
+        ))
+        if new.sinks:
+            connection.execute(delivery_table.insert(), [
+                {"event_id": event_id, "sink": sink, "state": outbox.PENDING, "attempts": 0,
+                 "created_at": now, "updated_at": now}
+                for sink in new.sinks
+            ])
+        ids.append(event_id)
+    return ids
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedDelivery:
+    id: int
+    event_id: str
+    sink: str
+    attempts: int
+    kind: str
+    resource_key: str
+    version: int
+    study_instance_uid: str
+    payload: str
+    created_at: dt.datetime
+
+
+def claim_deliveries(
+    connection: Connection, sink: str, *, owner: str, now: dt.datetime,
+    lease: dt.timedelta, limit: int,
+) -> list[ClaimedDelivery]:
+    d, e = delivery_table.c, event_table.c
+    rows = connection.execute(
+        select(d.id, d.event_id, d.sink, d.attempts, e.kind, e.resource_key, e.version,
+               e.study_instance_uid, e.payload, e.created_at)
+        .join(event_table, e.id == d.event_id)
+        .where(d.sink == sink, outbox.due(delivery_table, now))
+        .order_by(d.id)
+        .limit(limit)
+        .with_for_update(skip_locked=True, of=delivery_table)
+    ).all()
+    outbox.claim(connection, delivery_table, [r.id for r in rows], owner=owner,
+                 until=now + lease, now=now)
+    return [ClaimedDelivery(**row._mapping) for row in rows]
+
+
+def dead_letter_unconfigured(
+    connection: Connection, configured: Sequence[str], now: dt.datetime
+) -> int:
+    c = delivery_table.c
+    result = connection.execute(
+        update(delivery_table)
+        .where(c.state.in_([outbox.PENDING, outbox.IN_FLIGHT]), c.sink.not_in(list(configured)))
+        .values(state=outbox.DEAD, lease_owner=None, updated_at=now, completed_at=now,
+                dead_reason="the sink is no longer in the configuration")
+    )
+    return int(result.rowcount)
+
+
+@dataclass(frozen=True, slots=True)
+class EventView:
+    id: str
+    kind: str
+    study_instance_uid: str
+    resource_key: str
+    version: int
+    created_at: dt.datetime
+    deliveries: dict[str, str]
+    """Sink -> state (with the dead reason when dead)."""
+
+
+def recent_events(
+    connection: Connection, limit: int = 50, study_instance_uid: str | None = None
+) -> list[EventView]:
+    e, d = event_table.c, delivery_table.c
+    stmt = select(e.id, e.kind, e.study_instance_uid, e.resource_key, e.version, e.created_at)
+    if study_instance_uid:
+        stmt = stmt.where(e.study_instance_uid == study_instance_uid)
+    events = connection.execute(stmt.order_by(desc(e.created_at)).limit(limit)).all()
+    states: dict[str, dict[str, str]] = {}
+    if events:
+        for row in connection.execute(
+            select(d.event_id, d.sink, d.state, d.dead_reason, d.last_error)
+            .where(d.event_id.in_([event.id for event in events]))
+        ):
+            text = row.state
+            if row.state == outbox.DEAD:
+                text += f" ({row.dead_reason})"
+            elif row.state == outbox.PENDING and row.last_error:
+                text += f" (retrying: {row.last_error})"
+            states.setdefault(row.event_id, {})[row.sink] = text
+    return [
+        EventView(row.id, row.kind, row.study_instance_uid, row.resource_key, row.version,
+                  row.created_at, states.get(row.id, {}))
+        for row in events
+    ]
+
+
+def requeue_deliveries(
+    connection: Connection, now: dt.datetime, *, ids: Sequence[int] = (),
+    sink: str | None = None, study_instance_uid: str | None = None,
+) -> int:
+    if not (ids or sink or study_instance_uid):
+        raise ValueError("requeue needs a delivery id, a sink or a study")
+    d = delivery_table.c
+    conditions = [d.state == outbox.DEAD]
+    if ids:
+        conditions.append(d.id.in_(list(ids)))
+    if sink:
+        conditions.append(d.sink == sink)
+    if study_instance_uid:
+        conditions.append(d.event_id.in_(
+            select(event_table.c.id).where(event_table.c.study_instance_uid == study_instance_uid)
+        ))
+    result = connection.execute(
+        update(delivery_table).where(*conditions).values(**outbox.requeue_values(now))
+    )
+    return int(result.rowcount)
+
+
+def delivery_backlog(connection: Connection) -> dict[str, dict[str, int]]:
+    """Sink -> state -> count."""
+    d = delivery_table.c
+    rows = connection.execute(select(d.sink, d.state, func.count()).group_by(d.sink, d.state))
+    backlog: dict[str, dict[str, int]] = {}
+    for sink, state, count in rows:
+        backlog.setdefault(sink, {})[state] = int(count)
+    return backlog
+
+
+def dead_deliveries(connection: Connection, limit: int = 100) -> list[Any]:
+    d, e = delivery_table.c, event_table.c
+    return list(connection.execute(
+        select(d.id, d.sink, d.attempts, d.dead_reason, d.completed_at, e.kind,
+               e.study_instance_uid, e.version)
+        .join(event_table, e.id == d.event_id)
+        .where(d.state == outbox.DEAD)
+        .order_by(desc(d.completed_at))
+        .limit(limit)
+    ).all())
