@@ -164,6 +164,68 @@ def cmd_route_test(config: GatewayConfig, args: argparse.Namespace) -> int:
     return status
 
 
+def cmd_events(config: GatewayConfig, args: argparse.Namespace) -> int:
+    from gateway.index import events
+
+    engine = _engine(config)
+    with engine.connect() as connection:
+        recent = events.recent_events(connection, args.limit, args.study)
+    engine.dispose()
+    if args.json:
+        print(json.dumps([asdict(event) for event in recent], indent=2, default=str))
+        return EXIT_OK
+    if not recent:
+        print("no events")
+        return EXIT_OK
+    for event in recent:
+        print(f"{event.created_at:%Y-%m-%d %H:%M:%S}  {event.kind:<17} v{event.version}  "
+              f"study {event.study_instance_uid}")
+        if event.resource_key != event.study_instance_uid:
+            print(f"     instance {event.resource_key}")
+        for sink, state in sorted(event.deliveries.items()):
+            print(f"     -> {sink}: {state}")
+    return EXIT_OK
+
+
+def cmd_orders(config: GatewayConfig, args: argparse.Namespace) -> int:
+    from gateway.index import orders
+
+    engine = _engine(config)
+    with engine.connect() as connection:
+        recent = orders.recent_orders(connection, args.limit)
+    engine.dispose()
+    if args.json:
+        print(json.dumps([asdict(order) for order in recent], indent=2, default=str))
+        return EXIT_OK
+    if not recent:
+        print("no orders")
+        return EXIT_OK
+    for order in recent:
+        matched = f"{order.matched_studies} study(ies)" if order.matched_studies else "no study yet"
+        mismatch = f"  MISMATCH: {order.mismatch}" if order.mismatch else ""
+        print(f"{order.updated_at:%Y-%m-%d %H:%M}  accession {order.accession_number or '-'}  "
+              f"{order.modality or '-':<3} {order.procedure or '-'}  [{order.order_status or '-'}]"
+              f"  {matched}{mismatch}")
+    return EXIT_OK
+
+
+def cmd_requeue_events(config: GatewayConfig, args: argparse.Namespace) -> int:
+    from gateway.index import events
+
+    if not (args.id or args.sink or args.study):
+        print("requeue-events needs --id, --sink or --study", file=sys.stderr)
+        return EXIT_USAGE
+    engine = _engine(config)
+    with engine.begin() as connection:
+        count = events.requeue_deliveries(
+            connection, dt.datetime.now(dt.UTC), ids=args.id or (), sink=args.sink,
+            study_instance_uid=args.study,
+        )
+    engine.dispose()
+    print(f"requeued {count} event delivery(ies)")
+    return EXIT_OK
+
+
 def _values(dataset: Any, keyword: str) -> tuple[str, ...]:
     element = dataset.get(keyword)
     if element is None or element == "":
@@ -204,3 +266,23 @@ def add_commands(
     route.add_argument("--called-ae", default="", help="called AE title (default: the node's)")
     route.add_argument("--source-address", default="127.0.0.1", help="peer address to assume")
     route.set_defaults(handler=wrap(cmd_route_test))
+
+    recent = with_config(commands.add_parser(
+        "events", help="recent study events and their delivery to each sink"))
+    recent.add_argument("--study", help="only this Study Instance UID")
+    recent.add_argument("--limit", type=int, default=50)
+    recent.add_argument("--json", action="store_true")
+    recent.set_defaults(handler=wrap(cmd_events))
+
+    orders_cmd = with_config(commands.add_parser(
+        "orders", help="recent HL7 orders and whether a study matched them"))
+    orders_cmd.add_argument("--limit", type=int, default=50)
+    orders_cmd.add_argument("--json", action="store_true")
+    orders_cmd.set_defaults(handler=wrap(cmd_orders))
+
+    again = with_config(commands.add_parser(
+        "requeue-events", help="deliver dead-lettered events again (by id, sink or study)"))
+    again.add_argument("--id", type=int, action="append", help="delivery id (repeatable)")
+    again.add_argument("--sink", help="all dead deliveries of this sink")
+    again.add_argument("--study", help="all dead deliveries of this Study Instance UID")
+    again.set_defaults(handler=wrap(cmd_requeue_events))

@@ -61,6 +61,15 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     calling = ", ".join(entry.ae_title for entry in config.calling_ae) or "(none)"
     unknown = "accepted" if config.node.accept_unknown_calling_ae else "rejected"
     print(f"  calling   {calling}; unknown calling AE titles are {unknown}")
+    destinations = ", ".join(
+        f"{d.name} ({d.ae_title}@{d.host}:{d.port})" for d in config.destination
+    ) or "(none)"
+    print(f"  forward   {destinations}; {len(config.route)} route(s)")
+    sinks = ", ".join(f"{s.name} ({s.type})" for s in config.event_sink) or "(none)"
+    print(f"  events    {sinks}; stable after {config.events.stable_seconds:g} s")
+    listener = (f"MLLP on port {config.hl7.listen_port}" if config.hl7.listen_port is not None
+                else "no MLLP listener")
+    print(f"  hl7       {listener}; {len(config.hl7_destination)} HL7 destination(s)")
     return EXIT_OK
 
 

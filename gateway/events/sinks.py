@@ -206,19 +206,35 @@ class NatsSink:
             timeout=self.config.timeout, headers={"Nats-Msg-Id": delivery.event_id},
         )
 
+    async def _drop_client(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            with contextlib.suppress(Exception):  # closing a broken connection
+                await client.close()
+
+    async def _shutdown(self) -> None:
+        await self._drop_client()
+        current = asyncio.current_task()
+        pending = [task for task in asyncio.all_tasks() if task is not current]
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+
     def deliver(self, delivery: ClaimedDelivery) -> None:
         try:
             self._run(self._publish(delivery))
         except Exception as exc:
-            self._client = None  # reconnect next time
+            with contextlib.suppress(Exception):
+                self._run(self._drop_client())  # reconnect next time
             message = f"NATS publish failed: {type(exc).__name__}: {exc}"
             raise TransientDeliveryError(message) from exc
 
     def close(self) -> None:
-        if self._client is not None:
-            with contextlib.suppress(Exception):  # closing a broken connection
-                self._run(self._client.close())
+        with contextlib.suppress(Exception):
+            self._run(self._shutdown())
         self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()
 
 
 class MllpSink:

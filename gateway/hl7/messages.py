@@ -84,6 +84,11 @@ def parse(text: str) -> Inbound:
     text = text.replace("\r\n", "\r").replace("\n", "\r").strip("\r")
     if not text.startswith("MSH"):
         raise Hl7MessageError("AR", "100", "the message does not start with an MSH segment")
+    header = text.split("\r", 1)[0]
+    fields = header.split(header[3]) if len(header) > 3 else []
+    version = fields[11].split(header[4])[0] if len(fields) > 11 and len(header) > 4 else ""
+    if version and version not in SUPPORTED_VERSIONS:
+        raise Hl7MessageError("AR", "203", f"HL7 version {version[:20]} is not supported")
     try:
         message = parse_message(
             text, find_groups=False, validation_level=VALIDATION_LEVEL.TOLERANT

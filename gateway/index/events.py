@@ -270,12 +270,12 @@ def recent_events(
     states: dict[str, dict[str, str]] = {}
     if events:
         for row in connection.execute(
-            select(d.event_id, d.sink, d.state, d.dead_reason, d.last_error)
+            select(d.id, d.event_id, d.sink, d.state, d.dead_reason, d.last_error)
             .where(d.event_id.in_([event.id for event in events]))
         ):
             text = row.state
             if row.state == outbox.DEAD:
-                text += f" ({row.dead_reason})"
+                text += f" (#{row.id}: {row.dead_reason})"
             elif row.state == outbox.PENDING and row.last_error:
                 text += f" (retrying: {row.last_error})"
             states.setdefault(row.event_id, {})[row.sink] = text

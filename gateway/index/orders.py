@@ -222,11 +222,20 @@ def recent_messages(connection: Connection, limit: int = 50) -> list[Any]:
 
 
 def order_for_study(connection: Connection, study_instance_uid: str) -> Any:
-    """The order matched to a study (for demographics coercion on forward), or None."""
+    """The order of a study (for demographics coercion on forward), or None: the one it was
+    linked to, else the latest order with its accession number (forwarding can start
+    before the study is stable and linked)."""
     s, o = study_table.c, order_table.c
-    return connection.execute(
-        select(o.patient_id, o.issuer_of_patient_id, o.patient_name, o.patient_birth_date,
+    columns = (o.patient_id, o.issuer_of_patient_id, o.patient_name, o.patient_birth_date,
                o.patient_sex, o.accession_number)
-        .join(study_table, s.order_pk == o.id)
+    linked = connection.execute(
+        select(*columns).join(study_table, s.order_pk == o.id)
         .where(s.study_instance_uid == study_instance_uid)
+    ).first()
+    if linked is not None:
+        return linked
+    return connection.execute(
+        select(*columns).join(study_table, s.accession_number == o.accession_number)
+        .where(s.study_instance_uid == study_instance_uid, o.accession_number.is_not(None))
+        .order_by(desc(o.updated_at)).limit(1)
     ).first()

@@ -131,3 +131,63 @@ def unique_copy(name: str, directory: Path) -> tuple[Path, str]:
     path = directory / name
     ds.save_as(path)
     return path, str(ds.SOPInstanceUID)
+
+
+# A minimal, valid one-page PDF (synthetic; no patient data).
+MINIMAL_PDF = (
+    b"%PDF-1.4\n1 0 obj<</Type/Catalog/Pages 2 0 R>>endobj\n"
+    b"2 0 obj<</Type/Pages/Kids[3 0 R]/Count 1>>endobj\n"
+    b"3 0 obj<</Type/Page/Parent 2 0 R/MediaBox[0 0 200 200]>>endobj\n"
+    b"trailer<</Root 1 0 R>>\n%%EOF\n"
+)
+
+
+def write_encapsulated_pdf(path: Path, *, study_uid: str = UID_PREFIX + "9001",
+                           series_uid: str = UID_PREFIX + "9001.1",
+                           sop_uid: str = UID_PREFIX + "9001.1.1") -> str:
+    """An Encapsulated PDF Storage instance with fixed UIDs (for golden tests)."""
+    ds = Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.104.1"
+    ds.SOPInstanceUID = sop_uid
+    ds.StudyDate = "20240315"
+    ds.StudyTime = "093000"
+    ds.ContentDate = "20240315"
+    ds.ContentTime = "101500"
+    ds.AccessionNumber = "ACC-PDF-1"
+    ds.Modality = "DOC"
+    ds.ConversionType = "WSD"
+    ds.StudyDescription = "Radiology report"
+    ds.PatientName = "Synthetic^Report"
+    ds.PatientID = "PAT-PDF"
+    ds.PatientBirthDate = "19650101"
+    ds.PatientSex = "M"
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = series_uid
+    ds.StudyID = "1"
+    ds.SeriesNumber = 1
+    ds.InstanceNumber = 1
+    ds.BurnedInAnnotation = "YES"
+    ds.DocumentTitle = "CT head report"
+    ds.MIMETypeOfEncapsulatedDocument = "application/pdf"
+    ds.EncapsulatedDocument = MINIMAL_PDF + (b"\x00" if len(MINIMAL_PDF) % 2 else b"")
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = UID_PREFIX + "1"
+    ds.file_meta = meta
+    ds.save_as(path, enforce_file_format=True)
+    return sop_uid
+
+
+def consistent_copy(name: str, directory: Path) -> Path:
+    """A copy of sample *name* whose file meta agrees with its dataset (some of pydicom's
+    samples disagree, which the gateway rightly refuses); UIDs are kept."""
+    directory.mkdir(parents=True, exist_ok=True)
+    ds = dcmread(sample(name))
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    path = directory / name
+    ds.save_as(path)
+    return path

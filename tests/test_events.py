@@ -1,0 +1,301 @@
+"""Study events end to end: stability, revisions, every sink against a real receiver,
+outages and recovery, HL7 out, and kill -9 between stability and delivery."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom import dcmread
+from sqlalchemy import create_engine, text
+
+from gateway.config import GatewayConfig
+from gateway.node import Node
+from tests.helpers import dcmtk, hl7
+from tests.helpers.data import make_study
+from tests.helpers.http_peers import fhir_server, webhook_receiver
+from tests.helpers.nats import SYSTEM_NATS, delete_stream, nats_server, read_stream
+from tests.helpers.net import free_port, wait_until
+from tests.helpers.nodes import config_data, make_config, node_process, running_node, to_toml
+
+pytestmark = pytest.mark.integration
+
+FAST = {"stable_seconds": 1.0, "check_seconds": 0.2, "timezone": "UTC"}
+RETRY = {"initial_seconds": 0.2, "max_seconds": 0.5, "max_attempts": 100}
+
+
+@contextmanager
+def events_node(tmp_path: Path, database_url: str, sinks: list[dict[str, Any]],
+                **sections: Any) -> Iterator[Node]:
+    config = make_config(tmp_path / "gw", database_url, events=FAST, event_sink=sinks,
+                         **sections)
+    with running_node(config) as node:
+        yield node
+
+
+def lines(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def deliveries(node: Node) -> dict[str, int]:
+    with node.engine.connect() as connection:
+        rows = connection.execute(
+            text("SELECT state, count(*) FROM event_delivery GROUP BY state"))
+        return {row[0]: row[1] for row in rows}
+
+
+def test_a_stable_study_raises_one_event_after_the_quiet_period(
+    tmp_path: Path, database_url: str
+) -> None:
+    out = tmp_path / "events.jsonl"
+    with events_node(tmp_path, database_url, [{"name": "local", "type": "file",
+                                               "path": str(out)}]) as node:
+        files = make_study(tmp_path / "s", 2)
+        started = time.monotonic()
+        assert dcmtk.storescu(node.receiver.port, files).ok
+        time.sleep(0.5)
+        assert lines(out) == [], "not stable yet"
+        wait_until(lambda: len(lines(out)) == 1, 10)
+        assert time.monotonic() - started >= 1.0
+        time.sleep(1.5)
+        (event,) = lines(out)
+    assert event["type"] == "ImagingStudy" and event["version"] == 1
+    assert event["study_instance_uid"] == str(dcmread(files[0]).StudyInstanceUID)
+    assert event["resource"]["numberOfInstances"] == 2
+    assert set(event) >= {"event_id", "created_at", "fhir_version", "resource_key"}
+
+
+def test_late_instances_raise_a_revision_with_a_higher_version(
+    tmp_path: Path, database_url: str
+) -> None:
+    out = tmp_path / "events.jsonl"
+    with events_node(tmp_path, database_url, [{"name": "local", "type": "file",
+                                               "path": str(out)}]) as node:
+        first = make_study(tmp_path / "a", 2)
+        study_uid = str(dcmread(first[0]).StudyInstanceUID)
+        assert dcmtk.storescu(node.receiver.port, first).ok
+        wait_until(lambda: len(lines(out)) == 1, 10)
+        late = make_study(tmp_path / "b", 1, study_uid=study_uid)
+        assert dcmtk.storescu(node.receiver.port, late).ok
+        wait_until(lambda: len(lines(out)) == 2, 10)
+    one, two = lines(out)
+    assert (one["version"], two["version"]) == (1, 2)
+    assert one["event_id"] != two["event_id"]
+    assert two["resource"]["numberOfInstances"] == 3
+
+
+def test_fhir_sink_uses_conditional_updates_so_replays_never_duplicate(
+    tmp_path: Path, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TEST_FHIR_TOKEN", "s3cret-token")
+    with fhir_server() as fhir:
+        sink = {"name": "ehr", "type": "fhir", "url": fhir.url, "token_env": "TEST_FHIR_TOKEN",
+                "retry": RETRY}
+        with events_node(tmp_path, database_url, [sink]) as node:
+            files = make_study(tmp_path / "a", 2)
+            assert dcmtk.storescu(node.receiver.port, files).ok
+            wait_until(lambda: deliveries(node).get("done") == 1, 15)
+            late = make_study(tmp_path / "b", 1, study_uid=str(dcmread(files[0]).StudyInstanceUID))
+            assert dcmtk.storescu(node.receiver.port, late).ok
+            wait_until(lambda: deliveries(node).get("done") == 2, 15)
+            with node.engine.begin() as connection:  # replay everything
+                connection.execute(text("UPDATE event_delivery SET state = 'pending'"))
+            node.dispatcher.wake()
+            wait_until(lambda: fhir.requests == 4, 15)
+        (study,) = fhir.resources["ImagingStudy"]
+    assert study["numberOfInstances"] == 3
+    assert study["meta"]["versionId"] == "4"
+    assert set(fhir.authorizations) == {"Bearer s3cret-token"}
+
+
+def test_fhir_sink_outage_is_retried_until_the_server_returns(
+    tmp_path: Path, database_url: str
+) -> None:
+    with fhir_server() as fhir:
+        fhir.available = False
+        sink = {"name": "ehr", "type": "fhir", "url": fhir.url, "retry": RETRY}
+        with events_node(tmp_path, database_url, [sink]) as node:
+            assert dcmtk.storescu(node.receiver.port, make_study(tmp_path / "s", 1)).ok
+            wait_until(lambda: fhir.requests >= 2, 15, message="retries during the outage")
+            with node.engine.connect() as connection:
+                error = connection.execute(
+                    text("SELECT last_error FROM event_delivery")).scalar_one()
+            assert "503" in error
+            fhir.available = True
+            wait_until(lambda: deliveries(node).get("done") == 1, 15)
+        assert len(fhir.resources["ImagingStudy"]) == 1
+
+
+def test_webhook_sink_signs_every_delivery_and_recovers_from_an_outage(
+    tmp_path: Path, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TEST_WEBHOOK_SECRET", "hmac-key")
+    with webhook_receiver(b"hmac-key") as hook:
+        hook.status = 500
+        sink = {"name": "hook", "type": "webhook", "url": hook.url,
+                "secret_env": "TEST_WEBHOOK_SECRET", "retry": RETRY}
+        with events_node(tmp_path, database_url, [sink]) as node:
+            assert dcmtk.storescu(node.receiver.port, make_study(tmp_path / "s", 1)).ok
+            wait_until(lambda: _attempts(node) >= 2, 15)
+            hook.status = 200
+            wait_until(lambda: len(hook.deliveries) == 1, 15)
+    (delivery,) = hook.deliveries
+    assert hook.bad_signatures == 0
+    assert delivery["headers"]["X-Dicom-Gateway-Event"] == delivery["body"]["event_id"]
+    assert delivery["body"]["type"] == "ImagingStudy"
+
+
+def _attempts(node: Node) -> int:
+    with node.engine.connect() as connection:
+        return int(connection.execute(
+            text("SELECT coalesce(max(attempts), 0) FROM event_delivery")).scalar_one())
+
+
+def test_nats_sink_publishes_to_jetstream_with_the_event_id_for_deduplication(
+    tmp_path: Path, database_url: str
+) -> None:
+    stream = f"GW_{uuid.uuid4().hex[:10].upper()}"
+    subject = f"dicom.{stream.lower()}"
+    sink = {"name": "bus", "type": "nats", "servers": [SYSTEM_NATS], "subject": subject,
+            "stream": stream, "retry": RETRY}
+    try:
+        with events_node(tmp_path, database_url, [sink]) as node:
+            assert dcmtk.storescu(node.receiver.port, make_study(tmp_path / "s", 1)).ok
+            wait_until(lambda: deliveries(node).get("done") == 1, 20)
+            with node.engine.begin() as connection:  # deliver the same event again
+                connection.execute(text("UPDATE event_delivery SET state = 'pending'"))
+            node.dispatcher.wake()
+            wait_until(lambda: _attempts(node) == 2 and deliveries(node).get("done") == 1, 20)
+        messages = read_stream(SYSTEM_NATS, stream, subject)
+    finally:
+        delete_stream(SYSTEM_NATS, stream)
+    (message,) = messages  # the second publish was a duplicate for JetStream
+    assert message["headers"]["Nats-Msg-Id"] == message["body"]["event_id"]
+    assert message["body"]["type"] == "ImagingStudy"
+
+
+def test_nats_outage_then_recovery(tmp_path: Path, database_url: str) -> None:
+    with nats_server(tmp_path / "nats") as server:
+        sink = {"name": "bus", "type": "nats", "servers": [server.url], "subject": "dicom.events",
+                "stream": "DICOM_EVENTS", "timeout": 2.0, "retry": RETRY}
+        with events_node(tmp_path, database_url, [sink]) as node:
+            server.stop()
+            assert dcmtk.storescu(node.receiver.port, make_study(tmp_path / "s", 1)).ok
+            wait_until(lambda: _attempts(node) >= 2, 20, message="retries during the outage")
+            server.start()
+            wait_until(lambda: deliveries(node).get("done") == 1, 30)
+        assert len(read_stream(server.url, "DICOM_EVENTS", "dicom.events")) == 1
+
+
+@pytest.mark.parametrize("message", ["ORU^R01", "ORM^O01"])
+def test_hl7_study_available_message_is_sent_and_acknowledged(
+    tmp_path: Path, database_url: str, message: str
+) -> None:
+    with hl7.mllp_receiver("AA") as ris:
+        target = {"name": "ris", "host": "127.0.0.1", "port": ris.port, "message": message,
+                  "receiving_application": "RIS", "retry": RETRY}
+        with events_node(tmp_path, database_url, [], hl7_destination=[target]) as node:
+            files = make_study(tmp_path / "s", 2, accession_number="ACC55")
+            assert dcmtk.storescu(node.receiver.port, files).ok
+            wait_until(lambda: deliveries(node).get("done") == 1, 15)
+        (sent,) = ris.received
+    assert hl7.segment(sent, "MSH")[8].startswith(message)
+    assert hl7.segment(sent, "OBR")[18] == "ACC55"
+    if message == "ORU^R01":
+        assert hl7.segment(sent, "OBX")[5] == str(dcmread(files[0]).StudyInstanceUID)
+    else:
+        assert hl7.segment(sent, "ORC")[1] == "SC" and hl7.segment(sent, "ORC")[5] == "CM"
+
+
+@pytest.mark.parametrize(("answer", "final"), [("AE", "pending"), ("AR", "dead")])
+def test_hl7_nacks_follow_the_documented_policy(
+    tmp_path: Path, database_url: str, answer: str, final: str
+) -> None:
+    with hl7.mllp_receiver(answer) as ris:
+        target = {"name": "ris", "host": "127.0.0.1", "port": ris.port, "retry": RETRY}
+        with events_node(tmp_path, database_url, [], hl7_destination=[target]) as node:
+            assert dcmtk.storescu(node.receiver.port, make_study(tmp_path / "s", 1)).ok
+            wait_until(lambda: len(ris.received) >= 2 if final == "pending"
+                       else deliveries(node).get("dead") == 1, 15)
+            state = deliveries(node)
+    assert state.get(final, 0) + state.get("in_flight", 0) >= 1
+    assert state.get("done", 0) == 0
+
+
+def test_kill_9_between_stability_and_delivery_loses_and_duplicates_nothing(
+    tmp_path: Path, database_url: str
+) -> None:
+    with webhook_receiver(b"k") as hook:
+        hook.status = 503  # the receiver is down when the event is raised
+        root = tmp_path / "node"
+        sections = {"events": FAST, "event_sink": [{"name": "hook", "type": "webhook",
+                                                     "url": hook.url, "secret_env": "HOOK_KEY",
+                                                     "retry": RETRY}]}
+        with node_process(root, database_url, **sections) as node:
+            node.env["HOOK_KEY"] = "k"
+            node.stop()
+            node.start()
+            assert dcmtk.storescu(node.port, make_study(tmp_path / "s", 2)).ok
+            engine = create_engine(database_url)
+            try:
+                wait_until(lambda: _scalar(engine, "SELECT count(*) FROM event") == 1, 15)
+                node.kill9()
+                hook.status = 200
+                node.start()
+                wait_until(lambda: len(hook.deliveries) == 1, 20)
+                time.sleep(2.0)  # long enough for a duplicate or a second event to show up
+                assert _scalar(engine, "SELECT count(*) FROM event") == 1
+                assert _scalar(engine, "SELECT max(event_version) FROM study") == 1
+            finally:
+                engine.dispose()
+    assert len(hook.deliveries) == 1
+    assert hook.deliveries[0]["body"]["version"] == 1
+
+
+def _scalar(engine: Any, sql: str) -> Any:
+    with engine.connect() as connection:
+        return connection.execute(text(sql)).scalar()
+
+
+def test_event_and_order_commands(tmp_path: Path, database_url: str) -> None:
+    out = tmp_path / "events.jsonl"
+    data = config_data(tmp_path / "gw", database_url, events=FAST,
+                       event_sink=[{"name": "local", "type": "file", "path": str(out)},
+                                   {"name": "hook", "type": "webhook",
+                                    "url": f"http://127.0.0.1:{free_port()}/x",
+                                    "secret_env": "NONE_SET",
+                                    "retry": {"initial_seconds": 0.1, "max_seconds": 0.1,
+                                              "max_attempts": 1}}],
+                       hl7={"listen_port": 0, "host": "127.0.0.1"})
+    config = tmp_path / "gateway.toml"
+    config.write_text(to_toml(data))
+    with running_node(GatewayConfig.model_validate(data)) as node:
+        assert node.hl7_listener is not None
+        hl7.send(node.hl7_listener.port, hl7.orm_o01("ACC-CLI", patient_id="PAT-CLI"))
+        files = make_study(tmp_path / "s", 1, patient_id="PAT-CLI", accession_number="ACC-CLI")
+        assert dcmtk.storescu(node.receiver.port, files).ok
+        wait_until(lambda: deliveries(node).get("dead") == 1, 15)
+
+        def cli(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([sys.executable, "-m", "gateway", *args, "--config",
+                                   str(config)], capture_output=True, text=True, timeout=60,
+                                  check=False)
+
+        listing = cli("events")
+        assert "ImagingStudy" in listing.stdout and "local: done" in listing.stdout
+        assert "hook: dead" in listing.stdout
+        orders_out = cli("orders").stdout
+        assert "accession ACC-CLI" in orders_out and "1 study(ies)" in orders_out
+        assert cli("requeue-events", "--sink", "hook").stdout.strip() == (
+            "requeued 1 event delivery(ies)")
+        assert cli("requeue-events").returncode == 2
+        as_json = json.loads(cli("events", "--json").stdout)
+        assert as_json[0]["kind"] == "ImagingStudy"
