@@ -58,7 +58,7 @@ typecheck: python-deps
 	$(BIN)/mypy
 
 pytest: setup postgres
-	$(BIN)/pytest --cov --cov-report=term
+	$(BIN)/pytest -n 2 --cov --cov-report=term
 
 test: setup postgres lint typecheck pytest
 

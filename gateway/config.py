@@ -353,6 +353,13 @@ class EventSinkConfig(_Model):
     timeout: float = Field(default=15.0, gt=0)
     retry: ForwardRetryConfig = ForwardRetryConfig()
 
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL")
+        return value
+
     @model_validator(mode="after")
     def _required_for_type(self) -> EventSinkConfig:
         needed = {
@@ -379,6 +386,15 @@ class Hl7Config(_Model):
     sending_facility: str = ""
     version: str = "2.5"
     """HL7 version of the messages the gateway sends."""
+
+    @field_validator("version")
+    @classmethod
+    def _supported_version(cls, value: str) -> str:
+        from hl7apy import SUPPORTED_LIBRARIES
+
+        if value not in SUPPORTED_LIBRARIES:
+            raise ValueError(f"supported HL7 versions: {', '.join(sorted(SUPPORTED_LIBRARIES))}")
+        return value
     timeout: float = Field(default=60.0, gt=0)
     """Seconds a connection may stay silent mid-message."""
 

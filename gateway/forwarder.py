@@ -26,7 +26,7 @@ from gateway.index import queue
 from gateway.index.database import describe_error
 from gateway.index.outbox import Outcome
 from gateway.index.queue import ClaimedJob
-from gateway.logs import get_logger
+from gateway.logs import failure_fields, get_logger
 from gateway.objectstore import ObjectStore
 from gateway.scu import AssociationFailedError, DestinationLink, SendResult
 from gateway.spool import Spool
@@ -145,10 +145,11 @@ class DestinationWorker:
                 continue
             try:
                 self._send_batch(jobs)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - logged (safely), counted as an attempt
                 # A defect, not the destination: count it as a try so the backoff and
                 # the dead-letter limit apply instead of a tight loop on the same study.
-                log.exception("forward_batch_internal_error", destination=self.destination.name)
+                log.error("forward_batch_internal_error", destination=self.destination.name,
+                          **failure_fields(exc))
                 self._fail_all(jobs, f"internal error ({type(exc).__name__}), see the log", "")
 
     def _claim(self) -> list[ClaimedJob]:

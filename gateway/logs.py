@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import logging
 import sys
+import traceback
 from collections.abc import MutableMapping
+from pathlib import Path
 from typing import Any, TextIO
 
 import structlog
@@ -103,6 +105,16 @@ def configure_logging(
     logging.getLogger("pydicom").setLevel(logging.ERROR)
     logging.getLogger("urllib3").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(max(level, logging.WARNING))
+
+
+def failure_fields(exc: BaseException) -> dict[str, str]:
+    """Log fields for an unexpected error without its message: messages of parsing and
+    validation errors quote the values they choked on, which can be patient data."""
+    frames = traceback.extract_tb(exc.__traceback__)[-4:]
+    where = "; ".join(
+        f"{Path(frame.filename).name}:{frame.lineno} in {frame.name}" for frame in frames
+    )
+    return {"error_type": type(exc).__name__, "where": where}
 
 
 def get_logger(name: str) -> Any:

@@ -13,6 +13,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 from types import FrameType
+from typing import Any
 from zoneinfo import ZoneInfo
 
 from sqlalchemy import Engine
@@ -31,7 +32,7 @@ from gateway.hl7.listener import Hl7Listener, Hl7Processor
 from gateway.index import repository
 from gateway.index.database import describe_error, make_engine, migrate
 from gateway.ingest import Ingestor
-from gateway.logs import get_logger
+from gateway.logs import failure_fields, get_logger
 from gateway.objectstore import ObjectStore, ObjectStoreError, open_object_store
 from gateway.receiver import Receiver
 from gateway.routing import compile_rules, header_tags, make_router
@@ -166,14 +167,19 @@ class Node:
         self.forwarder.start()
         self.dispatcher.start()
         self.watcher.start()
-        try:
-            self.receiver.start()
-            if self.hl7_listener is not None:
-                self.hl7_listener.start()
-        except OSError as exc:
-            self.receiver.stop(0)
-            self._stop_workers()
-            raise StartupError(f"cannot listen: {exc.strerror}") from exc
+        listeners: list[tuple[str, Any]] = [
+            (f"{self.config.node.host}:{self.config.node.port}", self.receiver.start)
+        ]
+        if self.hl7_listener is not None:
+            hl7 = self.config.hl7
+            listeners.append((f"{hl7.host}:{hl7.listen_port} (HL7)", self.hl7_listener.start))
+        for address, start in listeners:
+            try:
+                start()
+            except OSError as exc:
+                self.receiver.stop(0)
+                self._stop_workers()
+                raise StartupError(f"cannot listen on {address}: {exc.strerror}") from exc
         self._maintenance.start()
         systemd.notify("READY=1")
         log.info("node_started", node=self.name, store=self.store.description)
@@ -192,8 +198,8 @@ class Node:
                     removed += self.spool.sweep_orphaned(ORPHAN_RETENTION_SECONDS)
                     if removed:
                         log.info("spool_swept", removed=removed)
-            except Exception:
-                log.exception("maintenance_failed")
+            except Exception as exc:  # noqa: BLE001 - housekeeping retries next round
+                log.error("maintenance_failed", **failure_fields(exc))
 
     def recover(self) -> None:
         """Account for a previous run that stopped abruptly (kill -9, power loss)."""

@@ -42,7 +42,7 @@ from gateway.index import repository
 from gateway.index.database import describe_error
 from gateway.index.repository import AssociationFacts, AssociationTotals, RecordOutcome
 from gateway.ingest import Ingestor, ReceivedInstance, Sender, StoreResult
-from gateway.logs import get_logger
+from gateway.logs import failure_fields, get_logger
 from gateway.status import Status
 
 log = get_logger(__name__)
@@ -472,8 +472,9 @@ class Receiver:
         )
         try:
             result = self.ingestor.store(received, sender)
-        except Exception:
-            log.exception("c_store_internal_error", sop_instance_uid=sop_instance_uid)
+        except Exception as exc:  # noqa: BLE001 - answered 0x0110, logged without the message
+            log.error("c_store_internal_error", sop_instance_uid=sop_instance_uid,
+                      **failure_fields(exc))
             self.ingestor.spool.discard_received(received.path)
             result = StoreResult(Status.PROCESSING_FAILURE, error_comment="internal error")
         if session is not None:

@@ -22,7 +22,7 @@ from gateway.backoff import retry_delay
 from gateway.config import RetryConfig
 from gateway.index import repository
 from gateway.index.database import describe_error
-from gateway.logs import get_logger
+from gateway.logs import failure_fields, get_logger
 from gateway.objectstore import (
     ExpectedContent,
     ObjectStore,
@@ -128,8 +128,8 @@ class Uploader:
     def _upload(self, row: Any) -> None:
         try:
             self._upload_row(row)
-        except Exception:
-            log.exception("upload_internal_error", instance_pk=row.id)
+        except Exception as exc:  # noqa: BLE001 - logged (safely) and retried with backoff
+            log.error("upload_internal_error", instance_pk=row.id, **failure_fields(exc))
             self._record_failure(row, "internal error (see log)")
         finally:
             with self._lock:

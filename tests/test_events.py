@@ -3,6 +3,7 @@ outages and recovery, HL7 out, and kill -9 between stability and delivery."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import pytest
 from pydicom import dcmread
 from sqlalchemy import create_engine, text
 
+import gateway.events.watcher as watcher_module
 from gateway.config import GatewayConfig
 from gateway.node import Node
 from tests.helpers import dcmtk, hl7
@@ -299,3 +301,79 @@ def test_event_and_order_commands(tmp_path: Path, database_url: str) -> None:
         assert cli("requeue-events").returncode == 2
         as_json = json.loads(cli("events", "--json").stdout)
         assert as_json[0]["kind"] == "ImagingStudy"
+
+
+def test_a_study_whose_data_cannot_be_mapped_does_not_hold_up_the_others(
+    tmp_path: Path, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "events.jsonl"
+    with events_node(tmp_path, database_url, [{"name": "local", "type": "file",
+                                               "path": str(out)}]) as node:
+        odd = make_study(tmp_path / "odd", 1)
+        ds = dcmread(odd[0])
+        ds.StudyDate = "20240230"  # not a date
+        ds.InstanceNumber = "-5"  # valid DICOM, not a FHIR unsignedInt
+        ds.ReferringPhysicianName = "^"
+        ds.save_as(odd[0])
+        assert dcmtk.storescu(node.receiver.port, odd).ok
+        wait_until(lambda: len(lines(out)) == 1, 10)
+        (event,) = lines(out)
+        assert "started" not in event["resource"]
+        assert "number" not in event["resource"]["series"][0]["instance"][0]
+        # A defect in building one study's events: recorded, and the next study still goes.
+        real = watcher_module.build_events
+        broken = str(dcmread(make_study(tmp_path / "broken", 1)[0]).StudyInstanceUID)
+
+        def build(study: Any, **kwargs: Any) -> Any:
+            if study.summary.study_instance_uid == broken:
+                raise ValueError("Doe^Jane is not a valid anything")  # quotes data, like pydantic
+            return real(study, **kwargs)
+
+        monkeypatch.setattr(watcher_module, "build_events", build)
+        assert dcmtk.storescu(node.receiver.port, list((tmp_path / "broken").iterdir())).ok
+        assert dcmtk.storescu(node.receiver.port, make_study(tmp_path / "fine", 1)).ok
+        wait_until(lambda: len(lines(out)) == 2, 10)
+        with node.engine.connect() as connection:
+            error = connection.execute(text(
+                "SELECT event_error FROM study WHERE study_instance_uid = :uid"),
+                {"uid": broken}).scalar_one()
+    assert error.startswith("ValueError at ")
+    assert "Doe^Jane" not in error
+
+
+def test_a_late_commit_stamped_earlier_still_raises_a_revision(
+    tmp_path: Path, database_url: str
+) -> None:
+    out = tmp_path / "events.jsonl"
+    with events_node(tmp_path, database_url, [{"name": "local", "type": "file",
+                                               "path": str(out)}]) as node:
+        first = make_study(tmp_path / "a", 1)
+        assert dcmtk.storescu(node.receiver.port, first).ok
+        wait_until(lambda: len(lines(out)) == 1, 10)
+        # Another node whose clock is a minute behind commits an instance of the study.
+        node.ingestor.clock = lambda: dt.datetime.now(dt.UTC) - dt.timedelta(minutes=1)
+        late = make_study(tmp_path / "b", 1, study_uid=str(dcmread(first[0]).StudyInstanceUID))
+        assert dcmtk.storescu(node.receiver.port, late).ok
+        wait_until(lambda: len(lines(out)) == 2, 10)
+    assert [event["version"] for event in lines(out)] == [1, 2]
+
+
+def test_an_older_revision_waiting_for_a_retry_never_overwrites_a_newer_one(
+    tmp_path: Path, database_url: str
+) -> None:
+    with fhir_server() as fhir:
+        fhir.available = False
+        sink = {"name": "ehr", "type": "fhir", "url": fhir.url, "retry": RETRY}
+        with events_node(tmp_path, database_url, [sink]) as node:
+            files = make_study(tmp_path / "a", 1)
+            assert dcmtk.storescu(node.receiver.port, files).ok
+            wait_until(lambda: fhir.requests >= 1, 10)
+            late = make_study(tmp_path / "b", 1, study_uid=str(dcmread(files[0]).StudyInstanceUID))
+            assert dcmtk.storescu(node.receiver.port, late).ok
+            wait_until(lambda: deliveries(node).get("superseded") == 1, 10)
+            fhir.available = True
+            wait_until(lambda: deliveries(node).get("done") == 1, 15)
+            time.sleep(1.0)
+        (study,) = fhir.resources["ImagingStudy"]
+    assert study["numberOfInstances"] == 2
+    assert study["meta"]["versionId"] == "1", "only the newest revision was sent"

@@ -202,3 +202,52 @@ def test_ack_built_for_unreadable_input_is_itself_valid_hl7() -> None:
     parsed = messages.parse(ack)
     assert parsed.message_type == "ACK"
     assert messages.ack_code(ack) == "AR"
+
+
+@pytest.mark.parametrize(
+    ("xpn", "dicom"),
+    [
+        ("Doe^Jane", "Doe^Jane"),
+        ("Doe^Jane^Q^Jr^Dr", "Doe^Jane^Q^Dr^Jr"),  # HL7 suffix^prefix, DICOM prefix^suffix
+        ("Doe&vd^Jane", "Doe^Jane"),  # subcomponents: the surname itself
+        ("O\\S\\Neil^Sean", "O^Neil^Sean"),  # an escaped ^ stays part of the surname
+        ("Doe^Jane~Smith^Jane", "Doe^Jane"),  # first repetition
+    ],
+)
+def test_hl7_names_become_dicom_names(xpn: str, dicom: str) -> None:
+    assert messages.xpn_to_dicom(xpn) == dicom
+
+
+@pytest.mark.parametrize(
+    ("dicom", "xpn"),
+    [
+        ("Doe^Jane", "Doe^Jane"),
+        ("Doe^Jane^Q^Dr^Jr", "Doe^Jane^Q^Jr^Dr"),
+        ("Yamada^Tarou=山田^太郎=やまだ^たろう", "Yamada^Tarou"),  # alphabetic group only
+        ("A&B^C|D", "A\\T\\B^C\\F\\D"),  # delimiters escaped
+    ],
+)
+def test_dicom_names_become_escaped_hl7_names(dicom: str, xpn: str) -> None:
+    assert messages.dicom_to_xpn(dicom) == xpn
+
+
+def test_refused_message_ack_still_echoes_its_control_id(hl7_node: Node) -> None:
+    message = "MSH|^~\\&|RIS|H|GW|H|20240101||ADT^A08|CTRL-42|T|9.9\rPID|1||P1"
+    (ack,) = hl7.send(_port(hl7_node), message)
+    assert _msa(ack)[1:3] == ["AR", "CTRL-42"]
+    assert hl7.segment(ack, "MSH")[10] == "T", "MSH-11 echoes the processing id"
+    assert hl7.segment(ack, "MSH")[4] == "RIS"
+
+
+def test_encoding_characters_in_the_wrong_order_are_rejected(hl7_node: Node) -> None:
+    (ack,) = hl7.send(_port(hl7_node), "MSH|^~&\\|RIS|H|GW|H|20240101||ADT^A08|C1|P|2.5\rPID|1||P1")
+    assert _msa(ack)[1] == "AR"
+
+
+def test_a40_with_a_subcomponent_assigning_authority_merges(
+    hl7_node: Node, tmp_path: Path
+) -> None:
+    assert dcmtk.storescu(hl7_node.receiver.port, make_study(tmp_path, 1, patient_id="OLD9")).ok
+    message = hl7.adt_a40("NEW9", "OLD9").replace("OLD9^^^HOSP^MR", "OLD9^^^HOSP&1.2.3&ISO^MR")
+    (ack,) = hl7.send(_port(hl7_node), message)
+    assert "1 study(ies) moved" in _msa(ack)[3]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from gateway.config import EventSinkConfig, Hl7Config, Hl7DestinationConfig
@@ -76,12 +77,16 @@ def build_events(
     study: LoadedStudy,
     *,
     version: int,
-    since: dt.datetime | None,
+    announced: Mapping[str, dt.datetime],
     targets: EventTargets,
     order: OrderFacts,
     now: dt.datetime,
 ) -> list[NewEvent]:
-    """The events for revision *version* of *study*; documents received after *since*."""
+    """The events for revision *version* of *study*.
+
+    DocumentReferences are raised for documents not *announced* yet, or received again
+    (a new version) since they were.
+    """
     summary = study.summary
     uid = summary.study_instance_uid
     sinks = tuple(sink.name for sink in targets.fhir_sinks)
@@ -93,10 +98,11 @@ def build_events(
         ))
         for series in summary.series:
             for instance in series.instances:
-                received = study.received_at.get(instance.sop_instance_uid)
                 if not is_document(instance.sop_class_uid):
                     continue
-                if since is not None and received is not None and received <= since:
+                received = study.received_at.get(instance.sop_instance_uid)
+                when = announced.get(instance.sop_instance_uid)
+                if when is not None and (received is None or received <= when):
                     continue
                 resource = document_reference(summary, series, instance, targets.fhir)
                 events.append(_fhir_event(

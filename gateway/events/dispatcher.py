@@ -24,11 +24,12 @@ from gateway.index import events, outbox
 from gateway.index.database import describe_error
 from gateway.index.events import ClaimedDelivery
 from gateway.index.outbox import Outcome
-from gateway.logs import get_logger
+from gateway.logs import failure_fields, get_logger
 
 log = get_logger(__name__)
 
 _LEASE = dt.timedelta(minutes=5)
+_LEASE_RENEWAL_SECONDS = 60.0
 _BATCH = 20
 _IDLE_POLL_SECONDS = 2.0
 
@@ -86,10 +87,14 @@ class SinkWorker:
             self._deliver_all(claimed)
 
     def _deliver_all(self, claimed: list[ClaimedDelivery]) -> None:
+        renewed = time.monotonic()
         for index, delivery in enumerate(claimed):
             if self._stopping.is_set() or not self._deliver(delivery):
                 self._release([d.id for d in claimed[index + 1:]])
                 return
+            if time.monotonic() - renewed > _LEASE_RENEWAL_SECONDS:
+                self._extend([d.id for d in claimed[index + 1:]])
+                renewed = time.monotonic()
 
     def _deliver(self, delivery: ClaimedDelivery) -> bool:
         """Deliver one event; False when the sink should pause."""
@@ -101,26 +106,27 @@ class SinkWorker:
             pause = retry_delay(self._failures, self.retry.initial_seconds, self.retry.max_seconds)
             self._paused_until = time.monotonic() + pause
             if attempts >= self.retry.max_attempts:
-                reason = f"retries exhausted after {attempts} attempts; last error: {exc}"
-                self._record(delivery, attempts, Outcome("permanent", error=str(exc),
+                reason = f"retries exhausted after {attempts} attempts; last error: {exc.full()}"
+                self._record(delivery, attempts, Outcome("permanent", error=exc.full(),
                                                          dead_reason=reason))
-                self._log_dead(delivery, reason)
+                self._log_dead(delivery, f"retries exhausted; last error: {exc}")
             else:
                 delay = retry_delay(attempts, self.retry.initial_seconds, self.retry.max_seconds)
                 next_at = self.clock() + dt.timedelta(seconds=delay)
-                self._record(delivery, attempts, Outcome("transient", error=str(exc),
+                self._record(delivery, attempts, Outcome("transient", error=exc.full(),
                                                          next_attempt_at=next_at))
                 level = log.warning if self._failures <= 3 else log.debug
                 level("event_delivery_failed", sink=self.sink.name, event_id=delivery.event_id,
                       error=str(exc)[:300], retry_in_s=round(delay, 2))
             return False
         except PermanentDeliveryError as exc:
-            self._record(delivery, attempts, Outcome("permanent", error=str(exc),
-                                                     dead_reason=str(exc)))
+            self._record(delivery, attempts, Outcome("permanent", error=exc.full(),
+                                                     dead_reason=exc.full()))
             self._log_dead(delivery, str(exc))
             return True
-        except Exception as exc:
-            log.exception("event_delivery_internal_error", sink=self.sink.name)
+        except Exception as exc:  # noqa: BLE001 - logged (safely) and dead-lettered
+            log.error("event_delivery_internal_error", sink=self.sink.name,
+                      **failure_fields(exc))
             reason = f"internal error ({type(exc).__name__}), see the log"
             self._record(delivery, attempts, Outcome("permanent", error=reason,
                                                      dead_reason=reason))
@@ -141,10 +147,22 @@ class SinkWorker:
     def _record(self, delivery: ClaimedDelivery, attempts: int, result: Outcome) -> None:
         try:
             with self.engine.begin() as connection:
-                outbox.record(connection, events.delivery_table, delivery.id, owner=self.owner,
-                              attempts=attempts, result=result, now=self.clock())
+                kept = outbox.record(connection, events.delivery_table, delivery.id,
+                                     owner=self.owner, attempts=attempts, result=result,
+                                     now=self.clock())
         except SQLAlchemyError as exc:
             log.error("event_record_failed", sink=self.sink.name, error=describe_error(exc))
+            return
+        if not kept:
+            log.warning("event_lease_lost", sink=self.sink.name, event_id=delivery.event_id)
+
+    def _extend(self, ids: list[int]) -> None:
+        try:
+            with self.engine.begin() as connection:
+                outbox.extend_leases(connection, events.delivery_table, ids, self.owner,
+                                     self.clock() + _LEASE)
+        except SQLAlchemyError as exc:
+            log.error("event_lease_renewal_failed", error=describe_error(exc))
 
     def _release(self, ids: list[int]) -> None:
         if not ids:

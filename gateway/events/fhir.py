@@ -97,7 +97,10 @@ def dicom_datetime(date: str | None, time: str | None, zone: dt.tzinfo) -> str |
     """A FHIR dateTime from DICOM DA/TM: a date alone, or date and time with an offset."""
     if not date or not re.fullmatch(r"\d{8}", date):
         return None
-    day = dt.date(int(date[:4]), int(date[4:6]), int(date[6:8]))
+    try:
+        day = dt.date(int(date[:4]), int(date[4:6]), int(date[6:8]))
+    except ValueError:  # e.g. 20240230: not a date, so no date
+        return None
     match = re.fullmatch(r"(\d{2})(\d{2})?(\d{2})?(\.\d{1,6})?", (time or "").strip())
     if not match:
         return day.isoformat()
@@ -179,14 +182,18 @@ def _endpoint(options: FhirOptions) -> dict[str, Any]:
     return endpoint
 
 
+def _unsigned(number: int | None) -> dict[str, int]:
+    """FHIR numbers here are unsignedInt: DICOM IS values may be negative; leave those out."""
+    return {"number": number} if number is not None and number >= 0 else {}
+
+
 def _series(series: SeriesSummary, version: FhirVersion) -> dict[str, Any]:
     entry: dict[str, Any] = {
         "uid": series.series_instance_uid,
         "numberOfInstances": len(series.instances),
         "modality": _modality(series.modality or "OT", version),
     }
-    if series.series_number is not None:
-        entry["number"] = series.series_number
+    entry.update(_unsigned(series.series_number))
     if series.series_description:
         entry["description"] = series.series_description
     if series.body_part_examined:
@@ -196,8 +203,7 @@ def _series(series: SeriesSummary, version: FhirVersion) -> dict[str, Any]:
         {
             "uid": instance.sop_instance_uid,
             "sopClass": {"system": URI_SYSTEM, "code": f"urn:oid:{instance.sop_class_uid}"},
-            **({"number": instance.instance_number} if instance.instance_number is not None
-               else {}),
+            **_unsigned(instance.instance_number),
             **({"title": instance.document_title} if instance.document_title else {}),
         }
         for instance in series.instances
@@ -225,11 +231,12 @@ def imaging_study(study: StudySummary, options: FhirOptions) -> dict[str, Any]:
     started = dicom_datetime(study.study_date, study.study_time, options.timezone)
     if started:
         resource["started"] = started
-    if study.study_description:
+    if study.study_description and study.study_description.strip():
         resource["description"] = study.study_description
-    if study.referring_physician_name:
-        display = study.referring_physician_name.replace("^", " ").strip()
-        resource["referrer"] = {"display": display}
+    referrer = " ".join((study.referring_physician_name or "").split("=")[0].replace(
+        "^", " ").split())
+    if referrer:
+        resource["referrer"] = {"display": referrer}
     based_on = _based_on(study, options)
     if based_on:
         resource["basedOn"] = based_on
@@ -279,7 +286,11 @@ def document_reference(
         if series.modality:
             resource["modality"] = [{"coding": [_coding(series.modality)]}]
         model = DocumentReferenceR5
-    return _validated(model, resource)
+    validated = _validated(model, resource)
+    if options.version == "R5":
+        # R5 Attachment.size is integer64, which FHIR JSON writes as a string.
+        validated["content"][0]["attachment"]["size"] = str(instance.size)
+    return validated
 
 
 def _validated(model: Any, resource: dict[str, Any]) -> dict[str, Any]:

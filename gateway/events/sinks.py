@@ -31,11 +31,23 @@ SIGNATURE_HEADER = "X-Dicom-Gateway-Signature"
 EVENT_HEADER = "X-Dicom-Gateway-Event"
 
 
-class TransientDeliveryError(Exception):
+class DeliveryError(Exception):
+    """A failed delivery. ``str()`` is the log-safe summary; ``detail`` adds what the
+    receiver said (which may quote the event's data) and is kept in the database only."""
+
+    def __init__(self, summary: str, detail: str = "") -> None:
+        super().__init__(summary)
+        self.detail = detail
+
+    def full(self) -> str:
+        return f"{self}: {self.detail}" if self.detail else str(self)
+
+
+class TransientDeliveryError(DeliveryError):
     """The receiver could not take the event now."""
 
 
-class PermanentDeliveryError(Exception):
+class PermanentDeliveryError(DeliveryError):
     """The receiver will never take this event as it is."""
 
 
@@ -76,11 +88,11 @@ def _http(request: urllib.request.Request, timeout: float) -> bytes:
         with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 - configured URL
             return bytes(response.read())
     except urllib.error.HTTPError as exc:
-        body = exc.read()[:300].decode("utf-8", "replace")
+        body = exc.read()[:500].decode("utf-8", "replace")
         if exc.code in (408, 425, 429) or exc.code >= 500 or exc.code in (401, 403):
             # Overload, server trouble, or credentials an operator will fix: try again.
-            raise TransientDeliveryError(f"HTTP {exc.code}: {body}") from exc
-        raise PermanentDeliveryError(f"HTTP {exc.code}: {body}") from exc
+            raise TransientDeliveryError(f"HTTP {exc.code}", body) from exc
+        raise PermanentDeliveryError(f"HTTP {exc.code}", body) from exc
     except (urllib.error.URLError, TimeoutError, OSError) as exc:
         raise TransientDeliveryError(f"cannot reach {request.full_url}: {exc}") from exc
 
@@ -152,13 +164,12 @@ class FhirSink:
         )
         reply = _http(request, self.timeout)
         try:
-            entries = json.loads(reply).get("entry", [])
-            status = str(entries[0]["response"]["status"]) if entries else "200"
+            status = str(json.loads(reply)["entry"][0]["response"]["status"])
         except (ValueError, KeyError, IndexError, TypeError) as exc:
             message = "the FHIR server's reply is not a transaction-response"
-            raise TransientDeliveryError(message) from exc
+            raise TransientDeliveryError(message, reply[:500].decode("utf-8", "replace")) from exc
         if not status.startswith("2"):
-            raise PermanentDeliveryError(f"the FHIR server answered {status}")
+            raise PermanentDeliveryError(f"the FHIR server answered {status[:40]}")
 
     def close(self) -> None:
         return None
@@ -179,7 +190,11 @@ class NatsSink:
 
     def _run(self, coroutine: Any) -> Any:
         future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
-        return future.result(self.config.timeout + 5)
+        try:
+            return future.result(self.config.timeout + 5)
+        except TimeoutError:
+            future.cancel()  # a publish that lands after we gave up would be unaccounted
+            raise
 
     async def _connect(self) -> None:
         import nats

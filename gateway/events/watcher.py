@@ -19,7 +19,7 @@ from gateway.events.builder import EventTargets, OrderFacts, build_events
 from gateway.hl7.messages import PatientInfo
 from gateway.index import events, orders
 from gateway.index.database import describe_error
-from gateway.logs import get_logger
+from gateway.logs import failure_fields, get_logger
 
 log = get_logger(__name__)
 
@@ -61,8 +61,6 @@ class StudyWatcher:
                 self.check()
             except SQLAlchemyError as exc:
                 log.error("study_watch_failed", error=describe_error(exc))
-            except Exception:
-                log.exception("study_watch_internal_error")
 
     def check(self) -> int:
         """Raise the events of every study that is due now; returns how many."""
@@ -71,22 +69,36 @@ class StudyWatcher:
             due = events.due_studies(connection, cutoff)
         raised = 0
         for study_pk in due:
-            if self._raise(study_pk, cutoff):
-                raised += 1
+            try:
+                raised += self._raise(study_pk, cutoff)
+            except SQLAlchemyError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - recorded on the study and logged
+                # One study whose data cannot be mapped must not hold up the others.
+                self._failed(study_pk, exc)
         if raised:
             self.on_events()
         return raised
 
+    def _failed(self, study_pk: int, exc: Exception) -> None:
+        fields = failure_fields(exc)
+        log.error("study_event_failed", study_pk=study_pk, **fields)
+        reason = f"{fields['error_type']} at {fields['where']}"
+        with self.engine.begin() as connection:
+            claim_seq = events.current_change(connection, study_pk)
+            events.record_event_failure(connection, study_pk, claim_seq, reason, self.clock())
+
     def _raise(self, study_pk: int, cutoff: dt.datetime) -> bool:
         now = self.clock()
         with self.engine.begin() as connection:
-            claim = events.claim_study_event(connection, study_pk, cutoff)
+            claim = events.claim_study_event(connection, study_pk, cutoff, now)
             if claim is None:
                 return False
             reconciled = orders.reconcile_study(connection, study_pk)
             study = events.load_study(connection, study_pk)
             order = _order_facts(connection, study.order_pk)
-            new = build_events(study, version=claim.version, since=claim.previous_evented_at,
+            announced = events.announced_documents(connection, study_pk)
+            new = build_events(study, version=claim.version, announced=announced,
                                targets=self.targets, order=order, now=now)
             events.insert_events(connection, study_pk, study.summary.study_instance_uid,
                                  version=claim.version, events=new, now=now)

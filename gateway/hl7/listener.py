@@ -22,7 +22,7 @@ from gateway.hl7 import messages
 from gateway.hl7.messages import END_BLOCK, START_BLOCK, Hl7MessageError, Inbound
 from gateway.index import orders
 from gateway.index.database import describe_error
-from gateway.logs import get_logger
+from gateway.logs import failure_fields, get_logger
 
 log = get_logger(__name__)
 
@@ -43,6 +43,8 @@ def read_frame(sock: socket.socket, buffer: bytearray, limit: int) -> bytes | No
             raise FramingError("bytes outside an MLLP frame")
         if start >= 0:
             end = buffer.find(END_BLOCK, start + 1)
+            if end - start > limit:
+                raise FramingError(f"message longer than {limit} bytes")
             if end >= 0:
                 content = bytes(buffer[start + 1 : end])
                 del buffer[: end + len(END_BLOCK)]
@@ -81,6 +83,7 @@ class Hl7Processor:
 
     def handle(self, text: str, peer: str) -> str:
         inbound: Inbound | None = None
+        header = messages.read_header(text)
         try:
             inbound = messages.parse(text)
             detail = self._apply(inbound)
@@ -90,17 +93,17 @@ class Hl7Processor:
         except SQLAlchemyError as exc:
             code, detail, error_code = "AE", "the index database is unavailable", "207"
             log.error("hl7_index_write_failed", error=describe_error(exc))
-        except Exception:
-            log.exception("hl7_internal_error")
+        except Exception as exc:  # noqa: BLE001 - answered AE, logged without the message
+            log.error("hl7_internal_error", **failure_fields(exc))
             code, detail, error_code = "AE", "internal error", "207"
-        message_type = inbound.message_type if inbound else None
-        control_id = inbound.control_id if inbound else None
+        message_type = header.message_type or None
+        control_id = header.control_id or None
         level = log.info if code == "AA" else log.warning
         level("hl7_message", message_type=message_type, control_id=control_id, ack=code,
               detail=detail, peer_address=peer)
         self._log(peer, message_type, control_id, code, detail)
         return messages.ack(
-            inbound, code, detail or "message accepted",
+            inbound or header, code, detail or "message accepted",
             application=self.config.sending_application,
             facility=self.config.sending_facility, error_code=error_code,
         )
@@ -116,8 +119,6 @@ class Hl7Processor:
             log.error("hl7_log_write_failed", error=describe_error(exc))
 
     def _apply(self, inbound: Inbound) -> str:
-        if inbound.version and inbound.version not in messages.SUPPORTED_VERSIONS:
-            raise Hl7MessageError("AR", "203", f"HL7 version {inbound.version} is not supported")
         now = self.clock()
         kind = inbound.message_type
         if kind in messages.ORDER_TYPES:
@@ -149,11 +150,24 @@ class Hl7Processor:
                         order_pk=result.order_pk, attributes=result.mismatched)
 
 
+MAX_CONNECTIONS = 64
+
+
 class _Handler(socketserver.BaseRequestHandler):
     server: _Server
 
     def handle(self) -> None:
         peer = str(self.client_address[0])
+        if not self.server.slots.acquire(blocking=False):
+            log.warning("hl7_connection_refused", reason="too many connections",
+                        peer_address=peer)
+            return
+        try:
+            self._serve(peer)
+        finally:
+            self.server.slots.release()
+
+    def _serve(self, peer: str) -> None:
         sock: socket.socket = self.request
         sock.settimeout(self.server.config.timeout)
         buffer = bytearray()
@@ -180,6 +194,7 @@ class _Server(socketserver.ThreadingTCPServer):
                  config: Hl7Config) -> None:
         self.processor = processor
         self.config = config
+        self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         super().__init__(address, _Handler)
 
 

@@ -8,22 +8,23 @@ decided here, with the field choices documented next to each.
 from __future__ import annotations
 
 import datetime as dt
-import itertools
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from hl7apy import SUPPORTED_LIBRARIES
 from hl7apy.consts import VALIDATION_LEVEL
 from hl7apy.exceptions import HL7apyException
 from hl7apy.parser import parse_message
 
 START_BLOCK = b"\x0b"
 END_BLOCK = b"\x1c\x0d"
-SUPPORTED_VERSIONS = frozenset({"2.3", "2.3.1", "2.4", "2.5", "2.5.1", "2.6", "2.7", "2.7.1",
-                                "2.8", "2.8.1", "2.8.2"})
+SUPPORTED_VERSIONS = frozenset(SUPPORTED_LIBRARIES)
+"""The HL7 versions hl7apy can read (and the gateway can write)."""
+ENCODING_CHARACTERS = ("^~\\&", "^~\\&#")
 ORDER_TYPES = frozenset({"ORM^O01", "OMI^O23"})
 PATIENT_UPDATE = "ADT^A08"
 PATIENT_MERGE = "ADT^A40"
-_control_ids = itertools.count(1)
 
 
 class Hl7MessageError(Exception):
@@ -46,6 +47,7 @@ class Inbound:
     sending_application: str
     sending_facility: str
     segments: dict[str, list[Any]]
+    processing_id: str = "P"
 
     def first(self, name: str) -> Any | None:
         found = self.segments.get(name)
@@ -78,38 +80,69 @@ def _component(value: str, index: int) -> str:
     return parts[index].strip() if index < len(parts) else ""
 
 
+@dataclass(frozen=True, slots=True)
+class Header:
+    """What MSH says, read without a parser (to answer even unparseable messages)."""
+
+    message_type: str = ""
+    control_id: str = ""
+    processing_id: str = "P"
+    version: str = ""
+    sending_application: str = ""
+    sending_facility: str = ""
+
+
+def read_header(text: str) -> Header:
+    first = text.split("\r", 1)[0]
+    if len(first) < 8 or not first.startswith("MSH"):
+        return Header()
+    separator, component = first[3], first[4]
+    fields = first.split(separator)
+
+    def field(index: int) -> str:
+        return fields[index] if len(fields) > index else ""
+
+    def first_component(index: int) -> str:
+        return field(index).split(component)[0].strip()
+
+    return Header(
+        message_type="^".join(field(8).split(component)[:2]),
+        control_id=field(9).strip()[:50],
+        processing_id=first_component(10) or "P",
+        version=first_component(11),
+        sending_application=first_component(2),
+        sending_facility=first_component(3),
+    )
+
+
 def parse(text: str) -> Inbound:
     """Parse an ER7 message; raise :class:`Hl7MessageError` with the ACK code if it cannot
     be understood."""
     text = text.replace("\r\n", "\r").replace("\n", "\r").strip("\r")
     if not text.startswith("MSH"):
         raise Hl7MessageError("AR", "100", "the message does not start with an MSH segment")
-    header = text.split("\r", 1)[0]
-    fields = header.split(header[3]) if len(header) > 3 else []
-    version = fields[11].split(header[4])[0] if len(fields) > 11 and len(header) > 4 else ""
-    if version and version not in SUPPORTED_VERSIONS:
-        raise Hl7MessageError("AR", "203", f"HL7 version {version[:20]} is not supported")
+    header = read_header(text)
+    if len(text) < 8 or text[3] != "|" or text[4:].split("|", 1)[0] not in ENCODING_CHARACTERS:
+        raise Hl7MessageError("AR", "102", "MSH-1/MSH-2 must be | and ^~\\&")
+    if header.version and header.version not in SUPPORTED_VERSIONS:
+        raise Hl7MessageError("AR", "203", f"HL7 version {header.version[:20]} is not supported")
     try:
         message = parse_message(
             text, find_groups=False, validation_level=VALIDATION_LEVEL.TOLERANT
         )
-    except HL7apyException as exc:
+    except Exception as exc:  # hl7apy raises many kinds; none may escape
         raise Hl7MessageError("AR", "102", f"unreadable message ({type(exc).__name__})") from exc
-    except Exception as exc:
-        raise Hl7MessageError("AR", "102", f"unreadable message ({type(exc).__name__})") from exc
-    msh = message.msh
-    type_field = _field(msh, "msh_9")
-    message_type = "^".join(type_field.split("^")[:2]) if type_field else ""
     segments: dict[str, list[Any]] = {}
     for segment in message.children:
         segments.setdefault(str(segment.name), []).append(segment)
     return Inbound(
-        message_type=message_type,
-        control_id=_field(msh, "msh_10"),
-        version=_component(_field(msh, "msh_12"), 0),
-        sending_application=_component(_field(msh, "msh_3"), 0),
-        sending_facility=_component(_field(msh, "msh_4"), 0),
+        message_type=header.message_type,
+        control_id=header.control_id,
+        version=header.version,
+        sending_application=header.sending_application,
+        sending_facility=header.sending_facility,
         segments=segments,
+        processing_id=header.processing_id,
     )
 
 
@@ -122,14 +155,43 @@ class PatientInfo:
     sex: str = ""
 
 
+def unescape(text: str) -> str:
+    """Undo HL7 escapes of the delimiters (``\\F\\`` etc.)."""
+    for escaped, char in (("\\F\\", "|"), ("\\S\\", "^"), ("\\R\\", "~"),
+                          ("\\T\\", "&"), ("\\E\\", "\\")):
+        text = text.replace(escaped, char)
+    return text
+
+
+def xpn_to_dicom(xpn: str) -> str:
+    """HL7 XPN (family^given^middle^suffix^prefix) to a DICOM PN (family^given^middle^
+    prefix^suffix); only the first repetition and the first subcomponent of each part."""
+    parts = [unescape(p.split("&", 1)[0]).strip() for p in xpn.split("~", 1)[0].split("^")]
+    parts += [""] * (5 - len(parts))
+    family, given, middle, suffix, prefix = parts[:5]
+    return "^".join([family, given, middle, prefix, suffix]).rstrip("^")
+
+
+def dicom_to_xpn(name: str) -> str:
+    """A DICOM PN (alphabetic group) as an escaped HL7 XPN."""
+    parts = name.split("=", 1)[0].split("^")
+    parts += [""] * (5 - len(parts))
+    family, given, middle, prefix, suffix = parts[:5]
+    return "^".join(escape(p.strip()) for p in (family, given, middle, suffix, prefix)).rstrip("^")
+
+
+def _identifier(cx: str) -> tuple[str, str]:
+    """(ID, assigning authority) of the first repetition of a CX field (CX.1, CX.4.1)."""
+    return unescape(_component(cx, 0)), unescape(_component(cx, 3).split("&", 1)[0])
+
+
 def _patient(pid: Any) -> PatientInfo:
     """PID-3 (first identifier, CX.1 and CX.4 assigning authority), PID-5, PID-7, PID-8."""
-    identifier = _field(pid, "pid_3")
-    name = _field(pid, "pid_5").split("~", 1)[0]
+    patient_id, issuer = _identifier(_field(pid, "pid_3"))
     return PatientInfo(
-        patient_id=_component(identifier, 0),
-        issuer=_component(identifier, 3).split("&", 1)[0],
-        name="^".join(part for part in name.split("^")[:5]).rstrip("^"),
+        patient_id=patient_id,
+        issuer=issuer,
+        name=xpn_to_dicom(_field(pid, "pid_5")),
         birth_date=_field(pid, "pid_7")[:8],
         sex=_field(pid, "pid_8")[:1],
     )
@@ -207,9 +269,8 @@ def patient_update_from(message: Inbound) -> PatientInfo:
 def merge_from(message: Inbound) -> tuple[PatientInfo, PatientInfo]:
     """ADT^A40: (surviving patient from PID, prior patient from MRG-1)."""
     surviving = patient_update_from(message)
-    mrg = message.first("MRG")
-    prior_identifier = _field(mrg, "mrg_1")
-    prior = PatientInfo(_component(prior_identifier, 0), _component(prior_identifier, 3))
+    prior_id, prior_issuer = _identifier(_field(message.first("MRG"), "mrg_1"))
+    prior = PatientInfo(prior_id, prior_issuer)
     if not prior.patient_id:
         raise Hl7MessageError("AE", "101", "MRG-1 (prior patient identifier) is empty")
     return surviving, prior
@@ -221,37 +282,40 @@ def escape(text: str) -> str:
     return "".join(replacements.get(char, char) for char in text)
 
 
-def _timestamp(now: dt.datetime | None = None) -> str:
-    return (now or dt.datetime.now(dt.UTC)).strftime("%Y%m%d%H%M%S")
+def _timestamp() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y%m%d%H%M%S")
 
 
 def new_control_id(prefix: str = "GW") -> str:
-    return f"{prefix}{dt.datetime.now(dt.UTC).strftime('%Y%m%d%H%M%S')}{next(_control_ids):06d}"
+    """Unique across nodes and restarts, and within MSH-10's 20 characters."""
+    return f"{prefix}{uuid.uuid4().hex[:16].upper()}"
 
 
 def _msh(
     app: str, facility: str, to_app: str, to_facility: str, message_type: str, *,
-    control_id: str, version: str,
+    control_id: str, version: str, processing_id: str = "P",
 ) -> str:
     fields = ["MSH", "^~\\&", escape(app), escape(facility), escape(to_app), escape(to_facility),
-              _timestamp(), "", message_type, control_id, "P", version]
+              _timestamp(), "", message_type, control_id, escape(processing_id), version]
     return "|".join(fields)
 
 
 def ack(
-    inbound: Inbound | None, code: str, text: str, *, application: str, facility: str,
+    inbound: Inbound | Header | None, code: str, text: str, *, application: str, facility: str,
     error_code: str | None = None,
 ) -> str:
-    """An ACK (MSA-1 AA, AE or AR) for *inbound* (or for a message we could not read)."""
-    version = inbound.version if inbound and inbound.version in SUPPORTED_VERSIONS else "2.5"
-    trigger = inbound.message_type.split("^")[1] if inbound and "^" in inbound.message_type else ""
-    lines = [
-        _msh(application, facility, inbound.sending_application if inbound else "",
-             inbound.sending_facility if inbound else "",
-             f"ACK^{trigger}^ACK" if trigger else "ACK", control_id=new_control_id("ACK"),
-             version=version),
-        "|".join(["MSA", code, escape(inbound.control_id if inbound else ""), escape(text[:80])]),
-    ]
+    """An ACK (MSA-1 AA, AE or AR) for a message; *inbound* is its parsed form, or just
+    its header when it could not be parsed (so MSA-2 still echoes its control id)."""
+    source = inbound or Header()
+    version = source.version if source.version in SUPPORTED_VERSIONS else "2.5"
+    trigger = source.message_type.split("^")[1] if "^" in source.message_type else ""
+    msh = _msh(
+        application, facility, source.sending_application, source.sending_facility,
+        f"ACK^{trigger}^ACK" if trigger else "ACK", control_id=new_control_id("ACK"),
+        version=version, processing_id=getattr(source, "processing_id", "P"),
+    )
+    # The control id is echoed as it came (it is already in ER7 form).
+    lines = [msh, "|".join(["MSA", code, source.control_id, escape(text[:80])])]
     if code != "AA":
         lines.append("|".join(["ERR", "", "", f"{error_code or '207'}^^HL70357", "E", "", "", "",
                                escape(text[:250])]))
@@ -295,22 +359,17 @@ def study_available(
     """ORU^R01 (result: the study is available) or ORM^O01 (order status change: done)."""
     patient = facts.patient
     pid = _segment("PID", ["1", "", f"{escape(patient.patient_id)}^^^{escape(patient.issuer)}",
-                           "", patient.name.replace("|", ""), "", patient.birth_date,
-                           patient.sex])
+                           "", dicom_to_xpn(patient.name), "", escape(patient.birth_date),
+                           escape(patient.sex)])
     service = f"{escape(facts.procedure_code)}^{escape(facts.procedure_text)}"
     placer, filler = escape(facts.placer_order_number), escape(facts.filler_order_number)
-    accession = escape(facts.accession_number)
+    obr = _segment("OBR", ["1", placer, filler, service, "", "", escape(facts.study_datetime),
+                           *[""] * 10, escape(facts.accession_number), *[""] * 5,
+                           escape(facts.modalities), "F"])
     if kind == "ORM^O01":
-        orc = _segment("ORC", ["SC", placer, filler, "", "CM"])
-        obr = _segment("OBR", ["1", placer, filler, service, "", "", facts.study_datetime,
-                               *[""] * 10, accession, *[""] * 5, escape(facts.modalities),
-                               "F"])
-        body = [orc, obr]
+        body = [_segment("ORC", ["SC", placer, filler, "", "CM"]), obr]
     else:
         orc = _segment("ORC", ["RE", placer, filler, "", "CM"])
-        obr = _segment("OBR", ["1", placer, filler, service, "", "", facts.study_datetime,
-                               *[""] * 10, accession, *[""] * 5, escape(facts.modalities),
-                               "F"])
         observations = [
             _segment("OBX", ["1", "ST", "113014^DICOM Study^DCM", "",
                              escape(facts.study_instance_uid), "", "", "", "", "", "F"]),

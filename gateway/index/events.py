@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
-from sqlalchemy import Connection, Table, desc, func, or_, select, update
+from sqlalchemy import Connection, Table, desc, func, select, update
 
 from gateway.events.fhir import (
     InstanceSummary,
@@ -36,14 +36,15 @@ order_table = cast(Table, Hl7Order.__table__)
 
 
 def due_studies(connection: Connection, cutoff: dt.datetime, limit: int = 50) -> list[int]:
-    """Studies with no new instance since *cutoff* whose latest change has no event yet."""
+    """Studies with no new instance since *cutoff* whose latest change has no event yet.
+
+    Changes are counted (``change_seq``), not timed, so an instance committed late or
+    stamped by a node whose clock lags still raises a revision.
+    """
     c = study_table.c
     rows = connection.execute(
         select(c.id)
-        .where(
-            c.last_received_at <= cutoff,
-            or_(c.evented_at.is_(None), c.evented_at < c.last_received_at),
-        )
+        .where(c.last_received_at <= cutoff, c.change_seq > c.evented_seq)
         .order_by(c.last_received_at)
         .limit(limit)
     )
@@ -53,32 +54,66 @@ def due_studies(connection: Connection, cutoff: dt.datetime, limit: int = 50) ->
 @dataclass(frozen=True, slots=True)
 class StudyEventClaim:
     version: int
-    previous_evented_at: dt.datetime | None
-    last_received_at: dt.datetime
+    change_seq: int
 
 
 def claim_study_event(
-    connection: Connection, study_pk: int, cutoff: dt.datetime
+    connection: Connection, study_pk: int, cutoff: dt.datetime, now: dt.datetime
 ) -> StudyEventClaim | None:
-    """Take the right to raise the next event of a study (None: not due or taken)."""
+    """Take the right to raise the next event of a study (None: not due, or taken by
+    another process)."""
     c = study_table.c
     row = connection.execute(
-        select(c.event_version, c.evented_at, c.last_received_at)
+        select(c.event_version, c.change_seq, c.evented_seq, c.last_received_at)
         .where(c.id == study_pk)
         .with_for_update()
     ).first()
-    if row is None or row.last_received_at > cutoff:
-        return None
-    if row.evented_at is not None and row.evented_at >= row.last_received_at:
+    if row is None or row.last_received_at > cutoff or row.change_seq <= row.evented_seq:
         return None
     updated = connection.execute(
         update(study_table)
         .where(c.id == study_pk, c.event_version == row.event_version)
-        .values(event_version=row.event_version + 1, evented_at=row.last_received_at)
+        .values(event_version=row.event_version + 1, evented_seq=row.change_seq,
+                evented_at=now, event_error=None)
     )
     if not updated.rowcount:
         return None
-    return StudyEventClaim(row.event_version + 1, row.evented_at, row.last_received_at)
+    return StudyEventClaim(row.event_version + 1, row.change_seq)
+
+
+def record_event_failure(
+    connection: Connection, study_pk: int, change_seq: int, reason: str, now: dt.datetime
+) -> None:
+    """The events of this change cannot be built: say why, and wait for the next change
+    (rather than retrying in a loop that would hold up every other study)."""
+    c = study_table.c
+    connection.execute(
+        update(study_table)
+        .where(c.id == study_pk, c.evented_seq < change_seq)
+        .values(evented_seq=change_seq, event_error=reason[:2000], evented_at=now)
+    )
+
+
+def current_change(connection: Connection, study_pk: int) -> int:
+    c = study_table.c
+    return int(connection.execute(select(c.change_seq).where(c.id == study_pk)).scalar_one())
+
+
+def announced_documents(connection: Connection, study_pk: int) -> dict[str, dt.datetime]:
+    """SOP Instance UID -> when its latest DocumentReference event was raised."""
+    e = event_table.c
+    rows = connection.execute(
+        select(e.resource_key, func.max(e.created_at))
+        .where(e.study_pk == study_pk, e.kind == "DocumentReference")
+        .group_by(e.resource_key)
+    )
+    return {key: _utc(when) for key, when in rows}
+
+
+def _utc(value: Any) -> dt.datetime:
+    if isinstance(value, str):
+        value = dt.datetime.fromisoformat(value)
+    return cast(dt.datetime, value if value.tzinfo else value.replace(tzinfo=dt.UTC))
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,9 +217,14 @@ def insert_events(
     connection: Connection, study_pk: int, study_uid: str, *, version: int,
     events: Iterable[NewEvent], now: dt.datetime,
 ) -> list[str]:
-    """Write events and their deliveries (the outbox); returns the event ids."""
+    """Write events and their deliveries (the outbox); returns the event ids.
+
+    Deliveries of older events about the same resource that have not gone out yet are
+    superseded: a retry of an old revision must never overwrite a newer one.
+    """
     ids = []
     for new in events:
+        _supersede_older(connection, study_pk, new, now)
         event_id = new.id
         connection.execute(event_table.insert().values(
             id=event_id, study_pk=study_pk, study_instance_uid=study_uid, kind=new.kind,
@@ -199,6 +239,21 @@ def insert_events(
             ])
         ids.append(event_id)
     return ids
+
+
+def _supersede_older(
+    connection: Connection, study_pk: int, new: NewEvent, now: dt.datetime
+) -> None:
+    e, d = event_table.c, delivery_table.c
+    older = select(e.id).where(
+        e.study_pk == study_pk, e.kind == new.kind, e.resource_key == new.resource_key
+    )
+    connection.execute(
+        update(delivery_table)
+        .where(d.event_id.in_(older), d.sink.in_(list(new.sinks)),
+               d.state.in_([outbox.PENDING, outbox.DEAD]))
+        .values(state=outbox.SUPERSEDED, updated_at=now, completed_at=now)
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -237,10 +292,12 @@ def claim_deliveries(
 def dead_letter_unconfigured(
     connection: Connection, configured: Sequence[str], now: dt.datetime
 ) -> int:
+    """Deliveries to sinks this node does not know become dead letters (requeue them if
+    the sink comes back). Rows another node holds under a live lease are left alone."""
     c = delivery_table.c
     result = connection.execute(
         update(delivery_table)
-        .where(c.state.in_([outbox.PENDING, outbox.IN_FLIGHT]), c.sink.not_in(list(configured)))
+        .where(outbox.not_held(delivery_table, now), c.sink.not_in(list(configured)))
         .values(state=outbox.DEAD, lease_owner=None, updated_at=now, completed_at=now,
                 dead_reason="the sink is no longer in the configuration")
     )

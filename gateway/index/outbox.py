@@ -43,6 +43,12 @@ def due(table: Table, now: dt.datetime) -> Any:
     )
 
 
+def not_held(table: Table, now: dt.datetime) -> Any:
+    """Rows waiting (whenever due) or in flight under an expired lease: nobody's work."""
+    c = table.c
+    return or_(c.state == PENDING, and_(c.state == IN_FLIGHT, c.lease_expires_at < now))
+
+
 def claim(
     connection: Connection, table: Table, ids: Sequence[int], *, owner: str,
     until: dt.datetime, now: dt.datetime,

@@ -211,7 +211,7 @@ def dead_letter_unconfigured(
     c = job_table.c
     result = connection.execute(
         update(job_table)
-        .where(c.state.in_([PENDING, IN_FLIGHT]), c.destination.not_in(list(configured)))
+        .where(outbox.not_held(job_table, now), c.destination.not_in(list(configured)))
         .values(
             state=DEAD, lease_owner=None, updated_at=now, completed_at=now,
             dead_reason="the destination is no longer in the configuration",

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from sqlalchemy import Connection, Table, and_, func, select, update
+from sqlalchemy import Connection, Table, and_, case, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from gateway.dicom.attributes import InstanceAttributes
@@ -128,6 +128,7 @@ def _upsert_study(
         referring_physician_name=attrs.referring_physician_name,
         first_received_at=now,
         last_received_at=now,
+        change_seq=1,
     )
     c = study_table.c
     newest = stmt.excluded
@@ -143,7 +144,12 @@ def _upsert_study(
             "referring_physician_name": func.coalesce(
                 newest.referring_physician_name, c.referring_physician_name
             ),
-            "last_received_at": newest.last_received_at,
+            # Never moves back: a commit that lands late must still look recent.
+            "last_received_at": case(
+                (newest.last_received_at > c.last_received_at, newest.last_received_at),
+                else_=c.last_received_at,
+            ),
+            "change_seq": c.change_seq + 1,
         },
     ).returning(c.id)
     return int(connection.execute(stmt).scalar_one())

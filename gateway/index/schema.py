@@ -103,8 +103,14 @@ class Study(Base):
     last_received_at: Mapped[dt.datetime] = mapped_column(index=True)
     event_version: Mapped[int] = mapped_column(default=0, server_default="0")
     """Version of the latest study event; each stable revision increases it."""
+    change_seq: Mapped[int] = mapped_column(default=0, server_default="0")
+    """Counts the changes of the study (new instances and versions), clock-independent."""
+    evented_seq: Mapped[int] = mapped_column(default=0, server_default="0")
+    """The ``change_seq`` the latest event covers; lower means an event is due."""
     evented_at: Mapped[dt.datetime | None]
-    """The ``last_received_at`` the latest event covers; older means a new event is due."""
+    """When the latest event was raised."""
+    event_error: Mapped[str | None] = mapped_column(Text)
+    """Why the events of the latest change could not be built (retried on the next change)."""
     order_pk: Mapped[int | None] = mapped_column(ForeignKey("hl7_order.id"), index=True)
     """The HL7 order matched by accession number."""
     demographics_mismatch: Mapped[str | None] = mapped_column(Text)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import random
 import socket
 import time
 from collections.abc import Callable
@@ -9,11 +11,27 @@ from collections.abc import Callable
 LOOPBACK = "127.0.0.1"
 
 
+def _worker_range() -> range:
+    # Each pytest-xdist worker draws from its own range, below the kernel's ephemeral
+    # ports: a port one test leaves "down" on purpose is never another test's server.
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    index = int(worker) if worker.isdigit() else 0
+    start = 20000 + (index % 8) * 1500
+    return range(start, start + 1500)
+
+
 def free_port() -> int:
     """A TCP port that is free on loopback right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((LOOPBACK, 0))
-        return int(sock.getsockname()[1])
+    ports = _worker_range()
+    for _ in range(200):
+        port = random.choice(ports)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((LOOPBACK, port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in this worker's range")
 
 
 def wait_until(condition: Callable[[], bool], timeout: float, interval: float = 0.05,

@@ -117,6 +117,9 @@ def upgrade() -> None:
 
     with op.batch_alter_table('study', schema=None) as batch_op:
         batch_op.add_column(sa.Column('event_version', sa.Integer(), server_default='0', nullable=False))
+        batch_op.add_column(sa.Column('change_seq', sa.Integer(), server_default='0', nullable=False))
+        batch_op.add_column(sa.Column('evented_seq', sa.Integer(), server_default='0', nullable=False))
+        batch_op.add_column(sa.Column('event_error', sa.Text(), nullable=True))
         batch_op.add_column(sa.Column('evented_at', gateway.index.schema.UTCDateTime(timezone=True), nullable=True))
         batch_op.add_column(sa.Column('order_pk', sa.Integer(), nullable=True))
         batch_op.add_column(sa.Column('demographics_mismatch', sa.Text(), nullable=True))
