@@ -377,3 +377,18 @@ def test_an_older_revision_waiting_for_a_retry_never_overwrites_a_newer_one(
         (study,) = fhir.resources["ImagingStudy"]
     assert study["numberOfInstances"] == 2
     assert study["meta"]["versionId"] == "1", "only the newest revision was sent"
+
+
+def test_file_sink_that_cannot_be_written_is_retried_until_it_can(
+    tmp_path: Path, database_url: str
+) -> None:
+    blocker = tmp_path / "events"
+    blocker.write_text("a file where the sink's directory should be")
+    out = blocker / "events.jsonl"
+    with events_node(tmp_path, database_url, [{"name": "local", "type": "file",
+                                               "path": str(out), "retry": RETRY}]) as node:
+        assert dcmtk.storescu(node.receiver.port, make_study(tmp_path / "s", 1)).ok
+        wait_until(lambda: _attempts(node) >= 2, 10, message="failed attempts")
+        blocker.unlink()
+        wait_until(lambda: len(lines(out)) == 1, 15)
+        assert deliveries(node) == {"done": 1}
