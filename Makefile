@@ -12,12 +12,20 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-APT_PACKAGES := dcmtk orthanc
+# dcmtk gives admins echoscu/storescu; the rest are the tests' real peers.
+APT_PACKAGES := dcmtk
+TEST_APT_PACKAGES := orthanc chromium chromium-driver
 CONFIG ?= config/gateway.toml
 
-.PHONY: setup system-deps python-deps run test lint typecheck pytest postgres bench clean
+.PHONY: setup test-setup system-deps test-system-deps python-deps run test lint typecheck \
+	pytest postgres nats bench clean
 
 setup: system-deps python-deps
+
+test-setup: setup test-system-deps
+
+test-system-deps:
+	@$(MAKE) --no-print-directory system-deps APT_PACKAGES="$(TEST_APT_PACKAGES)"
 
 system-deps:
 	@missing=""; \
@@ -51,18 +59,31 @@ postgres:
 	  fi; \
 	fi
 
+# The NATS sink's tests publish to the machine's JetStream server on 127.0.0.1:4222
+# when nats-server is installed: start it if it is stopped.
+nats:
+	@if command -v nats-server >/dev/null || [ -x /usr/sbin/nats-server ]; then \
+	  if ! (exec 3<>/dev/tcp/127.0.0.1/4222) 2>/dev/null; then \
+	    mkdir -p /var/lib/nats-server; \
+	    start-stop-daemon --start --oknodo --background \
+	      --exec $$(command -v nats-server || echo /usr/sbin/nats-server) -- \
+	      -a 127.0.0.1 -p 4222 -js -sd /var/lib/nats-server \
+	      || echo "could not start nats-server"; \
+	  fi; \
+	fi
+
 lint: python-deps
 	$(BIN)/ruff check gateway tests bench
 
 typecheck: python-deps
 	$(BIN)/mypy
 
-pytest: setup postgres
+pytest: test-setup postgres nats
 	$(BIN)/pytest -n 2 --cov --cov-report=term
 
-test: setup postgres lint typecheck pytest
+test: test-setup postgres nats lint typecheck pytest
 
-bench: setup
+bench: test-setup
 	$(BIN)/python -m bench.run
 
 clean:

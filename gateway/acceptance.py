@@ -75,6 +75,16 @@ def _address_in(address: str, networks: tuple[Network, ...]) -> bool:
     return any(ip in network for network in networks)
 
 
+def _is_loopback(address: str) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
+
+
 def decide(request: AssociationRequest, policy: AcceptancePolicy) -> Rejection | None:
     """``None`` to accept the association, otherwise the rejection to send."""
     called = request.called_ae.strip()
@@ -86,6 +96,8 @@ def decide(request: AssociationRequest, policy: AcceptancePolicy) -> Rejection |
             DIAG_CALLED_AE_NOT_RECOGNIZED,
             f"called AE title {called!r} is not this node's ({policy.ae_title!r})",
         )
+    if calling == policy.ae_title and _is_loopback(request.peer_address):
+        return None  # this host's own tools: ``dicom-gateway import``
     if calling not in policy.calling_aes:
         if policy.accept_unknown_calling_ae:
             return None

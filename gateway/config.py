@@ -414,6 +414,26 @@ class Hl7DestinationConfig(_Model):
     retry: ForwardRetryConfig = ForwardRetryConfig()
 
 
+HttpEndpoint = Literal["healthz", "readyz", "metrics", "dashboard"]
+
+
+class HttpConfig(_Model):
+    """``[http]``: the admin server: metrics, health checks, the JSON API, the dashboard.
+
+    The API and the dashboard's data carry PHI: they need the bearer token from
+    ``DICOM_GATEWAY_API_TOKEN`` (or the file ``token_file``).
+    """
+
+    port: int | None = Field(default=None, ge=0, le=65535)
+    """Absent: no admin server (0 = any free port)."""
+    host: str = "127.0.0.1"
+    """Loopback by default; set an address (behind TLS termination) to open it up."""
+    token_file: Path | None = None
+    """A file holding the API token (instead of the environment variable)."""
+    public: tuple[HttpEndpoint, ...] = ("healthz", "readyz", "dashboard")
+    """Endpoints served without the token. The dashboard page itself holds no data."""
+
+
 class LoggingConfig(_Model):
     """``[logging]``."""
 
@@ -436,6 +456,7 @@ class GatewayConfig(_Model):
     event_sink: tuple[EventSinkConfig, ...] = ()
     hl7: Hl7Config = Hl7Config()
     hl7_destination: tuple[Hl7DestinationConfig, ...] = ()
+    http: HttpConfig = HttpConfig()
     logging: LoggingConfig = LoggingConfig()
 
     @model_validator(mode="after")

@@ -22,11 +22,12 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from gateway.backoff import retry_delay
 from gateway.config import DestinationConfig, MorphConfig
-from gateway.index import queue
+from gateway.index import admin, queue
 from gateway.index.database import describe_error
 from gateway.index.outbox import Outcome
 from gateway.index.queue import ClaimedJob
 from gateway.logs import failure_fields, get_logger
+from gateway.metrics import Metrics
 from gateway.objectstore import ObjectStore
 from gateway.scu import AssociationFailedError, DestinationLink, SendResult
 from gateway.spool import Spool
@@ -38,6 +39,9 @@ log = get_logger(__name__)
 _LEASE = dt.timedelta(minutes=10)
 _LEASE_RENEWAL_SECONDS = 60.0
 _IDLE_POLL_SECONDS = 2.0
+_GATHER_SECONDS = 0.1
+_RECORD_BATCH = 32  # successful sends recorded per transaction
+_LINK_IDLE_SECONDS = 1.0  # an association with nothing more to send is released after this
 
 
 def _utcnow() -> dt.datetime:
@@ -52,6 +56,7 @@ class DestinationState:
     wake: threading.Event = field(default_factory=threading.Event)
     consecutive_failures: int = 0
     paused_until: float = 0.0
+    paused_by_operator: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def failed(self) -> float:
@@ -89,6 +94,8 @@ class _BatchSummary:
     untried: int = 0
     bytes: int = 0
     outcome: str = "completed"
+    received_by: list[str] = field(default_factory=list)
+    """The inbound associations the batch's instances came from."""
 
 
 @dataclass(frozen=True)
@@ -101,6 +108,7 @@ class ForwardSettings:
     node_name: str
     calling_ae_title: str
     clock: Callable[[], dt.datetime] = _utcnow
+    metrics: Metrics = field(default_factory=Metrics)
 
 
 class DestinationWorker:
@@ -112,6 +120,13 @@ class DestinationWorker:
         self.destination = state.config
         self.owner = f"{settings.node_name}:{self.destination.name}:{index}:{uuid.uuid4().hex[:8]}"
         self._stopping = threading.Event()
+        self._delivered: list[tuple[ClaimedJob, Outcome]] = []
+        """Sent in the current association, not yet recorded."""
+        self._link: DestinationLink | None = None
+        """The association kept open between batches (closed when idle)."""
+        self._link_association_id = ""
+        self._link_used = 0.0
+        self._caught_up = False
         self._thread = threading.Thread(
             target=self._run, name=f"forward-{self.destination.name}-{index}", daemon=True
         )
@@ -127,20 +142,46 @@ class DestinationWorker:
         self._thread.join(timeout)
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        finally:
+            self._close_link()
+
+    def _loop(self) -> None:
         while not self._stopping.is_set():
+            if self.state.paused_by_operator:
+                self._close_link()
+                self.state.wake.wait(1.0)
+                self.state.wake.clear()
+                continue
             pause = self.state.paused_until - time.monotonic()
             if pause > 0:
                 self._stopping.wait(pause)
                 continue
+            if self._caught_up:
+                # The last claim took all there was of a study still arriving: let more of
+                # it gather, so that each claim and record transaction covers many.
+                self._caught_up = False
+                self._stopping.wait(_GATHER_SECONDS)
+                continue
             try:
                 jobs = self._claim()
+                self._caught_up = 0 < len(jobs) < _RECORD_BATCH
             except SQLAlchemyError as exc:
                 log.error("forward_queue_read_failed", destination=self.destination.name,
                           error=describe_error(exc))
                 self._stopping.wait(2.0)
                 continue
             if not jobs:
-                self.state.wake.wait(_IDLE_POLL_SECONDS)
+                if self._link is not None and (
+                    time.monotonic() - self._link_used > _LINK_IDLE_SECONDS
+                    or not self._link.established
+                ):
+                    self._close_link()
+                if self.state.wake.wait(_LINK_IDLE_SECONDS if self._link else _IDLE_POLL_SECONDS):
+                    # New work while idle: give the rest of the study a moment to arrive
+                    # so that it goes out together, over one association.
+                    self._stopping.wait(_GATHER_SECONDS)
                 self.state.wake.clear()
                 continue
             try:
@@ -168,6 +209,8 @@ class DestinationWorker:
 
     def _fail_all(self, jobs: list[ClaimedJob], error: str, association_id: str) -> float:
         delay = self.state.failed()
+        self.settings.metrics.forwards.labels(
+            self.destination.name, StatusCategory.TRANSIENT_FAILURE.value).inc(len(jobs))
         for job in jobs:
             self._record_transient(job, None, error, association_id)
         return delay
@@ -176,29 +219,20 @@ class DestinationWorker:
         association_id = str(uuid.uuid4())
         started = time.monotonic()
         jobs = self._fitting(jobs)
-        link = DestinationLink(
-            self.destination, self.settings.calling_ae_title, self.settings.spool,
-            self.settings.store, self.settings.engine,
-        )
-        try:
-            link.open([(job.sop_class_uid, job.transfer_syntax_uid) for job in jobs])
-        except AssociationFailedError as exc:
-            delay = self._fail_all(jobs, str(exc), association_id)
-            self._log_association(
-                _BatchSummary(association_id, started, untried=len(jobs), outcome=str(exc))
-            )
-            log.warning("destination_unavailable", destination=self.destination.name,
-                        error=str(exc), retry_in_s=round(delay, 1))
+        opened = self._link_for(jobs, association_id, started)
+        if opened is None:
             return
+        link, association_id = opened
         if link.established and self.state.succeeded():
             log.info("destination_recovered", destination=self.destination.name)
-        summary = _BatchSummary(association_id, started)
+        summary = _BatchSummary(association_id, started, received_by=_sources(jobs))
         remaining = list(jobs)
         renewed = time.monotonic()
+        self._delivered = []
         try:
             while remaining:
-                if self._stopping.is_set():
-                    summary.outcome = "stopped"
+                if self._stopping.is_set() or self.state.paused_by_operator:
+                    summary.outcome = "stopped" if self._stopping.is_set() else "paused"
                     break
                 job = remaining.pop(0)
                 result = link.send(job, _route_morph(job))
@@ -216,11 +250,52 @@ class DestinationWorker:
                     self._extend([j.id for j in remaining])
                     renewed = time.monotonic()
         finally:
-            link.close()
+            self._flush_delivered(association_id)
+            if remaining or summary.outcome != "completed":
+                self._close_link()  # stopped, paused or failed: start afresh next time
             if remaining:
                 self._release([job.id for job in remaining])
         summary.untried = len(remaining)
+        self._link_used = time.monotonic()
         self._log_association(summary)
+
+    def _link_for(
+        self, jobs: list[ClaimedJob], association_id: str, started: float
+    ) -> tuple[DestinationLink, str] | None:
+        """The association to send *jobs* over (and its id): the previous batch's while it
+        is open and negotiated all of them (a study arriving in pieces needs no new
+        association per piece), else a new one. None when none could be opened (the jobs
+        are recorded as transient failures)."""
+        items = [(job.sop_class_uid, job.transfer_syntax_uid) for job in jobs]
+        if self._link is not None and self._link.covers(items):
+            return self._link, self._link_association_id
+        self._close_link()
+        link = DestinationLink(
+            self.destination, self.settings.calling_ae_title, self.settings.spool,
+            self.settings.store, self.settings.engine,
+        )
+        try:
+            link.open(items)
+        except AssociationFailedError as exc:
+            delay = self._fail_all(jobs, str(exc), association_id)
+            self._log_association(
+                _BatchSummary(association_id, started, untried=len(jobs), outcome=str(exc),
+                              received_by=_sources(jobs))
+            )
+            log.warning("destination_unavailable", destination=self.destination.name,
+                        error=str(exc), retry_in_s=round(delay, 1))
+            return None
+        self._link, self._link_association_id = link, association_id
+        return link, association_id
+
+    def _close_link(self) -> None:
+        link, self._link = self._link, None
+        if link is not None:
+            try:
+                link.close()
+            except Exception as exc:  # noqa: BLE001 - a failed release ends it anyway
+                log.warning("forward_release_failed", destination=self.destination.name,
+                            **failure_fields(exc))
 
     def _fitting(self, jobs: list[ClaimedJob]) -> list[ClaimedJob]:
         """The longest prefix whose presentation contexts fit in one association."""
@@ -240,6 +315,7 @@ class DestinationWorker:
             "forward_association",
             destination=self.destination.name,
             forward_association_id=summary.association_id,
+            received_association_ids=summary.received_by,
             instances=summary.sent,
             failed=summary.failed,
             untried=summary.untried,
@@ -254,11 +330,13 @@ class DestinationWorker:
         self, job: ClaimedJob, result: SendResult, association_id: str
     ) -> StatusCategory:
         category = result.category
+        self.settings.metrics.forwards.labels(self.destination.name, category.value).inc()
         if category is StatusCategory.SUCCESS:
-            self._record(job, Outcome("success", result.status, result.note), association_id)
+            self._delivered_ok(job, Outcome("success", result.status, result.note),
+                               association_id)
         elif category is StatusCategory.WARNING:
             warning = "; ".join(filter(None, [result.detail, result.note]))
-            self._record(job, Outcome("warning", result.status, warning), association_id)
+            self._delivered_ok(job, Outcome("warning", result.status, warning), association_id)
         elif category is StatusCategory.TRANSIENT_FAILURE:
             self._record_transient(job, result.status, result.detail, association_id)
         else:
@@ -283,9 +361,12 @@ class DestinationWorker:
     ) -> None:
         # Reasons from a response already start with the described status.
         self._record(job, Outcome("permanent", status, reason, dead_reason=reason), association_id)
+        self.settings.metrics.dead_letters.labels("forward", self.destination.name).inc()
         log.warning(
             "dead_letter",
             destination=self.destination.name,
+            assoc_id=job.received_association_id,
+            forward_association_id=association_id or None,
             job_id=job.id,
             study_instance_uid=job.study_instance_uid,
             sop_instance_uid=job.sop_instance_uid,
@@ -293,6 +374,37 @@ class DestinationWorker:
             attempts=job.attempts + 1,
             reason=reason,
         )
+
+    def _delivered_ok(self, job: ClaimedJob, outcome: Outcome, association_id: str) -> None:
+        """Record a delivery, in a transaction with the next ones of the association.
+
+        A crash before the record commits means the instance is sent again: the same
+        SOP instance, so the destination keeps one copy.
+        """
+        self._delivered.append((job, outcome))
+        if len(self._delivered) >= _RECORD_BATCH:
+            self._flush_delivered(association_id)
+
+    def _flush_delivered(self, association_id: str) -> None:
+        delivered, self._delivered = self._delivered, []
+        if not delivered:
+            return
+        now = self.settings.clock()
+        try:
+            with self.settings.engine.begin() as connection:
+                lost = [
+                    job.id for job, outcome in delivered
+                    if not queue.record_outcome(
+                        connection, job.id, owner=self.owner, attempts=job.attempts + 1,
+                        result=outcome, now=now, forward_association_id=association_id,
+                    )
+                ]
+        except SQLAlchemyError as exc:
+            # The leases expire and the jobs are tried again: at worst duplicate sends.
+            log.error("forward_record_failed", jobs=len(delivered), error=describe_error(exc))
+            return
+        for job_id in lost:
+            log.warning("forward_lease_lost", job_id=job_id, destination=self.destination.name)
 
     def _record(self, job: ClaimedJob, outcome: Outcome, association_id: str) -> None:
         now = self.settings.clock()
@@ -329,6 +441,10 @@ class DestinationWorker:
             log.error("forward_lease_renewal_failed", error=describe_error(exc))
 
 
+def _sources(jobs: list[ClaimedJob]) -> list[str]:
+    return sorted({job.received_association_id for job in jobs if job.received_association_id})
+
+
 def _route_morph(job: ClaimedJob) -> MorphConfig | None:
     return MorphConfig.model_validate_json(job.route_morph) if job.route_morph else None
 
@@ -340,10 +456,13 @@ class Forwarder:
         self.settings = settings
         self.states = {dest.name: DestinationState(dest) for dest in destinations}
         self.workers = [
-            DestinationWorker(state, settings, index)
-            for state in self.states.values()
-            for index in range(state.config.max_associations)
+            worker for state in self.states.values() for worker in self._workers_for(state)
         ]
+        self._reconfigure_lock = threading.Lock()
+
+    def _workers_for(self, state: DestinationState) -> list[DestinationWorker]:
+        return [DestinationWorker(state, self.settings, index)
+                for index in range(state.config.max_associations)]
 
     def start(self) -> None:
         _config.STORE_SEND_CHUNKED_DATASET = True  # stream files as stored
@@ -355,8 +474,55 @@ class Forwarder:
             log.info("forward_jobs_recovered", jobs=released)
         if orphaned:
             log.warning("forward_jobs_for_unknown_destinations", jobs=orphaned)
+        self.refresh_paused()
         for worker in self.workers:
             worker.start()
+
+    def reconfigure(self, destinations: list[DestinationConfig]) -> None:
+        """Apply a reloaded configuration: workers of removed or changed destinations
+        finish their current instance and stop; new and changed ones start. Jobs of
+        removed destinations become dead letters, visible and requeueable."""
+        with self._reconfigure_lock:
+            wanted = {dest.name: dest for dest in destinations}
+            leaving = [name for name, state in self.states.items()
+                       if wanted.get(name) != state.config]
+            stopping = [w for w in self.workers if w.destination.name in leaving]
+            for worker in stopping:
+                worker.stop()
+            deadline = time.monotonic() + 30.0
+            for worker in stopping:
+                worker.join(max(0.0, deadline - time.monotonic()))
+            states = {name: state for name, state in self.states.items()
+                      if name not in leaving}
+            workers = [w for w in self.workers if w.destination.name not in leaving]
+            starting: list[DestinationWorker] = []
+            for name, config in wanted.items():
+                if name not in states:
+                    states[name] = DestinationState(config)
+                    starting.extend(self._workers_for(states[name]))
+            self.states, self.workers = states, workers + starting
+            now = self.settings.clock()
+            with self.settings.engine.begin() as connection:
+                orphaned = queue.dead_letter_unconfigured(connection, list(states), now)
+            if orphaned:
+                log.warning("forward_jobs_for_unknown_destinations", jobs=orphaned)
+            self.refresh_paused()
+            for worker in starting:
+                worker.start()
+            if leaving or starting:
+                log.info("destinations_reconfigured", stopped=sorted(leaving),
+                         started=sorted({w.destination.name for w in starting}))
+
+    def refresh_paused(self) -> None:
+        """Apply the operators' pause/resume decisions (shared by all nodes)."""
+        with self.settings.engine.connect() as connection:
+            paused = admin.paused_destinations(connection)
+        for name, state in self.states.items():
+            if state.paused_by_operator != (name in paused):
+                state.paused_by_operator = name in paused
+                log.info("destination_paused" if name in paused else "destination_resumed",
+                         destination=name)
+                state.wake.set()
 
     def wake(self, destinations: Mapping[str, str] | None = None) -> None:
         """New work: wake the named destinations' workers (all when None)."""

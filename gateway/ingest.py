@@ -83,6 +83,12 @@ class StoreResult:
         return self.status == Status.SUCCESS
 
 
+@dataclass(frozen=True, slots=True)
+class _Routing:
+    router: Router | None
+    header_tags: frozenset[int]
+
+
 class _CommitUncertainError(Exception):
     """COMMIT failed: the transaction may or may not have been applied."""
 
@@ -115,10 +121,14 @@ class Ingestor:
         self.engine = engine
         self.spool = spool
         self.node_name = node_name
-        self.router = router
-        self.header_tags = INDEXED_TAGS | frozenset(extra_tags)
+        self._routing = _Routing(router, INDEXED_TAGS | frozenset(extra_tags))
         self.on_stored = on_stored or (lambda destinations: None)
         self.clock = clock
+
+    def set_routing(self, router: Router | None, extra_tags: Iterable[int]) -> None:
+        """Route new instances with *router* (a configuration reload); instances being
+        read keep the router they started with."""
+        self._routing = _Routing(router, INDEXED_TAGS | frozenset(extra_tags))
 
     def store(self, received: ReceivedInstance, sender: Sender) -> StoreResult:
         """Make *received* durable and indexed; return the C-STORE status to send."""
@@ -215,6 +225,7 @@ class Ingestor:
 
     def _read(self, received: ReceivedInstance, sender: Sender) -> InstanceRecord:
         """Read the header and checksum of the received file (never the pixel data)."""
+        routing = self._routing
         with received.path.open("rb") as stream:
             size = stream.seek(0, 2)
             if size == 0:
@@ -224,7 +235,7 @@ class Ingestor:
                     _, offset = read_file_meta(mapped)
                     header = read_header(
                         mapped, offset, dataset_encoding(received.transfer_syntax_uid),
-                        self.header_tags,
+                        routing.header_tags,
                     )
                     attributes = extract_attributes(header)
                 except (HeaderError, InvalidInstanceError) as exc:
@@ -233,7 +244,7 @@ class Ingestor:
                 if offset >= size:
                     raise _RefusedError(Status.CANNOT_UNDERSTAND, "empty dataset")
                 _check_matches_request(attributes, received)
-                decision = self.router(header, sender) if self.router else None
+                decision = routing.router(header, sender) if routing.router else None
             digest, sha1 = _digests(stream, offset, with_sha1=is_document(attributes.sop_class_uid))
         return InstanceRecord(
             attributes=attributes,

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import shutil
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,7 +24,8 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
-from pynetdicom import AE
+from pynetdicom import AE, evt
+from pynetdicom.pdu_primitives import P_DATA
 from sqlalchemy import Engine, select
 
 from gateway import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
@@ -37,6 +41,8 @@ from gateway.status import StatusCategory, classify, describe
 from gateway.transfer import Mode, SendPlan, contexts_for, plan, syntax_name
 
 _COPY_CHUNK = 1024 * 1024
+# P-DATA PDUs waiting to be sent, in bytes: bounds the memory a streamed file takes.
+_SEND_WINDOW_BYTES = 4 * 1024 * 1024
 
 
 class AssociationFailedError(Exception):
@@ -49,6 +55,52 @@ class _SourceUnavailableError(Exception):
 
 class _ConversionError(Exception):
     """The instance cannot be converted to what the destination accepts."""
+
+
+class _SendStalledError(Exception):
+    """The association stopped taking data in the middle of a message."""
+
+
+class _SendWindow(queue.Queue[Any]):
+    """An association's queue of primitives for pynetdicom's DUL thread to send, holding
+    at most *window* P-DATA PDUs.
+
+    pynetdicom cuts a file being sent into P-DATA PDUs as fast as the disk reads and
+    queues them all: when the network is slower than the disk, a 300 MiB instance would
+    end up in memory. Here the sending thread waits for room instead, for as long as the
+    DUL thread lives and takes a PDU within *stall_seconds*.
+    """
+
+    def __init__(self, dul: Any, window: int, stall_seconds: float) -> None:
+        super().__init__()
+        self._dul = dul
+        self._window = window
+        self._stall_seconds = stall_seconds
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        if isinstance(item, P_DATA):  # never hold back A-ABORT or A-RELEASE
+            with self.not_full:  # notified by every get()
+                deadline = time.monotonic() + self._stall_seconds
+                while self._qsize() >= self._window:
+                    remaining = deadline - time.monotonic()
+                    if not self._dul.is_alive():
+                        raise _SendStalledError("the association ended while sending")
+                    if remaining <= 0:
+                        raise _SendStalledError(
+                            f"the destination took no data for {self._stall_seconds:g} s")
+                    self.not_full.wait(min(remaining, 0.5))
+        super().put(item, block, timeout)
+
+
+def _bound_sending(assoc: Any, stall_seconds: float) -> None:
+    """Give an established association a :class:`_SendWindow` (while nothing is queued,
+    so the DUL thread cannot be between looking at the old queue and taking from it)."""
+    dul = assoc.dul
+    if not dul.to_provider_queue.empty():
+        return
+    pdu_length = int(assoc.acceptor.maximum_length or 0)  # 0: the peer set no limit
+    window = max(2, _SEND_WINDOW_BYTES // pdu_length) if pdu_length else 2
+    dul.to_provider_queue = _SendWindow(dul, window, stall_seconds)
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,11 +131,17 @@ class DestinationLink:
         self.store = store
         self.engine = engine
         self.accepted: set[tuple[str, str]] = set()
+        self.proposed: frozenset[tuple[str, str]] = frozenset()
         self._assoc: Any = None
 
     @property
     def established(self) -> bool:
         return self._assoc is not None and bool(self._assoc.is_established)
+
+    def covers(self, items: list[tuple[str, str]]) -> bool:
+        """Whether this open association negotiated every (SOP class, stored syntax) pair
+        of *items*, so that what it accepted is the destination's answer for them."""
+        return self.established and set(items) <= self.proposed
 
     def open(self, items: list[tuple[str, str]]) -> None:
         """Associate, proposing contexts for these (SOP class, stored syntax) pairs."""
@@ -99,12 +157,15 @@ class DestinationLink:
         ae.network_timeout = None
         for context in contexts_for(items, decompress=destination.decompress):
             ae.add_requested_context(context.abstract_syntax, list(context.transfer_syntaxes))
+        connected, answered = threading.Event(), threading.Event()
         try:
             assoc = ae.associate(
                 destination.host,
                 destination.port,
                 ae_title=destination.ae_title,
                 max_pdu=destination.max_pdu_length,
+                evt_handlers=[(evt.EVT_CONN_OPEN, lambda event: connected.set()),
+                              (evt.EVT_PDU_RECV, lambda event: answered.set())],
             )
         except OSError as exc:  # e.g. a host name that does not resolve
             where = f"{destination.ae_title}@{destination.host}:{destination.port}"
@@ -115,21 +176,31 @@ class DestinationLink:
                 # this batch can be sent as proposed (each job gets a permanent reason).
                 self.accepted = set()
                 return
-            raise AssociationFailedError(self._failure_reason(assoc))
+            raise AssociationFailedError(
+                self._failure_reason(assoc, connected.is_set(), answered.is_set()))
+        _bound_sending(assoc, destination.timeout)
         self._assoc = assoc
+        self.proposed = frozenset(items)
         self.accepted = {
             (str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in assoc.accepted_contexts
         }
 
-    def _failure_reason(self, assoc: Any) -> str:
+    def _failure_reason(self, assoc: Any, connected: bool, answered: bool) -> str:
         where = f"{self.destination.ae_title}@{self.destination.host}:{self.destination.port}"
+        if not connected:
+            # pynetdicom reports a refused TCP connection as an abort: say what happened.
+            return f"could not connect to {where} (connection refused or timed out)"
+        if not answered:
+            # Also reported as an abort (ours, after the ACSE timeout), not the peer's.
+            return (f"no answer from {where} to the association request within "
+                    f"{self.destination.timeout:g} s")
         if assoc.is_rejected and assoc.acceptor.primitive is not None:
             rj = assoc.acceptor.primitive
             words = describe_rejection(int(rj.result), int(rj.result_source), int(rj.diagnostic))
             return f"association rejected by {where} ({words})"
         if assoc.is_aborted:
             return f"association aborted by {where}"
-        return f"could not connect to {where} (refused or timed out)"
+        return f"no association with {where} (the connection closed during negotiation)"
 
     def close(self) -> None:
         if self._assoc is None:

@@ -23,6 +23,7 @@ from gateway.config import RetryConfig
 from gateway.index import repository
 from gateway.index.database import describe_error
 from gateway.logs import failure_fields, get_logger
+from gateway.metrics import Metrics
 from gateway.objectstore import (
     ExpectedContent,
     ObjectStore,
@@ -35,6 +36,8 @@ from gateway.spool import Spool
 log = get_logger(__name__)
 
 _IDLE_POLL_SECONDS = 1.0
+_BATCH = 32  # instances a worker uploads before recording them in one transaction
+_GATHER_SECONDS = 0.25
 
 
 def _utcnow() -> dt.datetime:
@@ -54,7 +57,9 @@ class Uploader:
         workers: int,
         retry: RetryConfig,
         clock: Callable[[], dt.datetime] = _utcnow,
+        metrics: Metrics | None = None,
     ) -> None:
+        self.metrics = metrics or Metrics()
         self.engine = engine
         self.spool = spool
         self.store = store
@@ -65,6 +70,8 @@ class Uploader:
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._in_flight: set[int] = set()
+        self._batches = 0
+        self._backlog = False
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="upload")
         self._thread = threading.Thread(target=self._run, name="uploader", daemon=True)
@@ -101,42 +108,68 @@ class Uploader:
             claimed = self._claim()
             self._wake.wait(_IDLE_POLL_SECONDS if not claimed else 0.2)
             self._wake.clear()
+            if not self._backlog:
+                # Caught up: let newly received instances gather into one batch (one
+                # transaction) rather than upload each as it lands, competing with the
+                # receive path for the database and the interpreter. They are durable in
+                # the spool meanwhile.
+                self._stopping.wait(_GATHER_SECONDS)
 
     def _claim(self) -> int:
         with self._lock:
-            free = self.workers * 2 - len(self._in_flight)
+            idle_workers = self.workers - self._batches
             exclude = list(self._in_flight)
-        if free <= 0:
-            return 0
+        if idle_workers <= 0:
+            return 0  # every worker has a batch; what arrives meanwhile makes the next one
         try:
             with self.engine.connect() as connection:
                 rows = repository.due_uploads(
-                    connection, self.node_name, self.clock(), free, exclude
+                    connection, self.node_name, self.clock(), idle_workers * _BATCH, exclude
                 )
         except SQLAlchemyError as exc:
             log.error("upload_queue_read_failed", error=describe_error(exc))
             self._stopping.wait(1.0)
             return 0
-        for row in rows:
-            with self._lock:
-                self._in_flight.add(row.id)
-            self._pool.submit(self._upload, row)
+        self._backlog = len(rows) == idle_workers * _BATCH
+        if not rows:
+            return 0
+        # Spread the rows over the idle workers; each records its batch in one transaction.
+        size = -(-len(rows) // idle_workers)
+        batches = [list(rows[start:start + size]) for start in range(0, len(rows), size)]
+        with self._lock:
+            self._in_flight.update(row.id for row in rows)
+            self._batches += len(batches)
+        for batch in batches:
+            self._pool.submit(self._upload_batch, batch)
         return len(rows)
 
-    # --- one upload ----------------------------------------------------------------------
+    # --- one batch -----------------------------------------------------------------------
 
-    def _upload(self, row: Any) -> None:
+    def _upload_batch(self, rows: list[Any]) -> None:
+        uploaded: list[tuple[Any, str]] = []
         try:
-            self._upload_row(row)
-        except Exception as exc:  # noqa: BLE001 - logged (safely) and retried with backoff
-            log.error("upload_internal_error", instance_pk=row.id, **failure_fields(exc))
-            self._record_failure(row, "internal error (see log)")
+            for row in rows:
+                if self._stopping.is_set() or time.monotonic() < self._paused_until:
+                    break  # the rest stays spooled and is claimed again later
+                try:
+                    key = self._put(row)
+                except Exception as exc:  # noqa: BLE001 - logged (safely) and retried with backoff
+                    log.error("upload_internal_error", instance_pk=row.id, **failure_fields(exc))
+                    self._record_failure(row, "internal error (see log)")
+                    continue
+                if key is not None:
+                    uploaded.append((row, key))
+            self._mark_stored(uploaded)
+        except Exception as exc:  # noqa: BLE001 - the rows stay spooled and are retried
+            log.error("upload_internal_error", **failure_fields(exc))
         finally:
             with self._lock:
-                self._in_flight.discard(row.id)
+                self._in_flight.difference_update(row.id for row in rows)
+                self._batches -= 1
             self._wake.set()
 
-    def _upload_row(self, row: Any) -> None:
+    def _put(self, row: Any) -> str | None:
+        """Copy one spooled instance to the store; its object key, or None on failure."""
         key = object_key(row.study_instance_uid, row.series_instance_uid, row.sop_instance_uid,
                          row.sha256)
         path = self.spool.path(row.spool_name)
@@ -145,7 +178,7 @@ class Uploader:
                 "spool_file_missing", instance_pk=row.id, sop_instance_uid=row.sop_instance_uid
             )
             self._record_failure(row, f"spool file {row.spool_name} is missing")
-            return
+            return None
         expected = ExpectedContent(row.size, row.dataset_offset, row.sha256)
         try:
             self.store.put_file(key, path, expected)
@@ -153,27 +186,37 @@ class Uploader:
             # This object's bytes, not the store, are the problem: retry it alone.
             log.error("upload_verification_failed", instance_pk=row.id, error=str(exc)[:300])
             self._record_failure(row, str(exc))
-            return
+            return None
         except ObjectStoreError as exc:
             self._on_store_failure(row, exc)
+            return None
+        return key
+
+    def _mark_stored(self, uploaded: list[tuple[Any, str]]) -> None:
+        """Record a batch of stored objects in one transaction, then free their spool files."""
+        if not uploaded:
             return
+        now = self.clock()
         try:
             with self.engine.begin() as connection:
-                stored = repository.mark_stored(connection, row.id, key, self.clock())
+                stored = [
+                    (row, key) for row, key in uploaded
+                    if repository.mark_stored(connection, row.id, key, now)
+                ]
         except SQLAlchemyError as exc:
-            # The object is stored; the row stays spooled and the (idempotent) upload is
-            # repeated later. The spool file is kept until the row says otherwise.
+            # The objects are stored; the rows stay spooled and the (idempotent) uploads
+            # are repeated later. The spool files are kept until the rows say otherwise.
             log.error("upload_record_failed", error=describe_error(exc))
             return
-        if stored:
+        for row, key in stored:
             self.spool.discard(row.spool_name)
+            self.metrics.uploads.labels("stored").inc()
+            log.debug("instance_uploaded", sop_instance_uid=row.sop_instance_uid, object_key=key)
         with self._lock:
-            if stored:
-                self.uploaded += 1
+            self.uploaded += len(stored)
             recovered, self._outage_failures = self._outage_failures > 0, 0
         if recovered:
             log.info("object_store_recovered", store=self.store.description)
-        log.debug("instance_uploaded", sop_instance_uid=row.sop_instance_uid, object_key=key)
 
     def _on_store_failure(self, row: Any, exc: ObjectStoreError) -> None:
         with self._lock:
@@ -192,6 +235,7 @@ class Uploader:
         self._record_failure(row, str(exc), delay)
 
     def _record_failure(self, row: Any, error: str, delay: float | None = None) -> None:
+        self.metrics.uploads.labels("failed").inc()
         attempts = int(row.upload_attempts) + 1
         if delay is None:
             delay = retry_delay(attempts, self.retry.initial_seconds, self.retry.max_seconds)

@@ -14,6 +14,7 @@ from sqlalchemy.engine import make_url
 from gateway.config import GatewayConfig
 from gateway.node import Node
 from tests.helpers import dcmtk
+from tests.helpers.admin_http import TcpProxy, tcp_proxy
 from tests.helpers.nodes import make_config, running_node
 
 POSTGRES_ADMIN_URL = os.environ.get(
@@ -79,3 +80,19 @@ def node(gateway_config: GatewayConfig) -> Iterator[Node]:
 @pytest.fixture(scope="session", autouse=True)
 def _dcmtk_installed() -> None:
     dcmtk.require()
+
+
+@pytest.fixture
+def proxied_postgres(postgres_admin: Engine) -> Iterator[tuple[str, TcpProxy]]:
+    """A fresh PostgreSQL database reached through a proxy the test can cut."""
+    name = f"gwtest_{uuid.uuid4().hex[:16]}"
+    with postgres_admin.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    url = make_url(POSTGRES_ADMIN_URL)
+    try:
+        with tcp_proxy(url.port or 5432) as proxy:
+            proxied = url.set(database=name, port=proxy.port)
+            yield proxied.render_as_string(hide_password=False), proxy
+    finally:
+        with postgres_admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))

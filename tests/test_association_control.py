@@ -105,6 +105,30 @@ def test_associations_beyond_the_limit_are_rejected_transiently(tmp_path: Path) 
     assert [row["outcome"] for row in rows] == ["released", "rejected"]
 
 
+def test_limit_rejections_are_recorded_even_when_the_peer_hangs_up_at_once(
+    tmp_path: Path,
+) -> None:
+    """echoscu closes the connection the moment it reads the A-ASSOCIATE-RJ; each of
+    those must still be a rejection in the log and the table, never an abort."""
+    config = make_config(
+        tmp_path, f"sqlite:///{tmp_path / 'index.db'}", node={"max_associations": 1}
+    )
+    with running_node(config) as node:
+        holder = AE(ae_title="MODALITY")
+        holder.add_requested_context(Verification)
+        held = holder.associate(LOOPBACK, node.receiver.port, ae_title="GATEWAY")
+        try:
+            with capture_logs() as logs:
+                for _ in range(8):
+                    assert "Rejected Transient" in dcmtk.echoscu(node.receiver.port).output
+        finally:
+            held.release()
+        rows = _association_rows(node, 9)
+    assert sorted(row["outcome"] for row in rows) == ["rejected"] * 8 + ["released"]
+    assert len([e for e in logs if e["event"] == "association_rejected"]) == 8
+    assert not [e for e in logs if e["event"] == "association_aborted"]
+
+
 def test_association_log_records_instances_bytes_and_outcome(node: Node, tmp_path: Path) -> None:
     files = make_study(tmp_path, 5)
     with capture_logs() as logs:
@@ -158,3 +182,15 @@ def test_associations_dropped_right_after_acceptance_are_closed_in_the_log(node:
 
     wait_until(all_closed, 10, message="five aborted association rows")
     assert all(row["ended_at"] is not None for row in _association_rows(node))
+
+
+def test_a_peer_closing_right_after_the_release_response_is_a_release(
+    node: Node, tmp_path: Path
+) -> None:
+    # DCMTK closes the connection as soon as it has our A-RELEASE-RP, which can be
+    # before pynetdicom reports the release: those associations were released.
+    files = make_study(tmp_path, 1)
+    for _ in range(8):
+        assert dcmtk.storescu(node.receiver.port, files).ok
+    rows = _association_rows(node, expected=8)
+    assert [row["outcome"] for row in rows] == ["released"] * 8

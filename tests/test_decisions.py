@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from pynetdicom import AllStoragePresentationContexts
 from pynetdicom.presentation import build_context
 
 from gateway.acceptance import (
@@ -12,7 +13,8 @@ from gateway.acceptance import (
     too_many_associations,
 )
 from gateway.backoff import backoff_ceiling, retry_delay
-from gateway.config import CallingAEConfig
+from gateway.config import CallingAEConfig, EventsConfig
+from gateway.dicom.transfer_syntax import ACCEPTED_TRANSFER_SYNTAXES
 from gateway.receiver import negotiable_contexts
 from gateway.status import Status, StatusCategory, classify, describe
 
@@ -43,6 +45,11 @@ POLICY = AcceptancePolicy.build(
         ("CT01", "OTHER", "10.1.2.3", (1, 1, 7)),
         ("XA01", "OTHER", "10.1.2.3", (1, 1, 7)),  # called AE is checked first
         ("CT01", "GATEWAY", "not-an-address", (1, 1, 3)),
+        # the node's own AE title is accepted from this host only (bulk import)
+        ("GATEWAY", "GATEWAY", "127.0.0.1", None),
+        ("GATEWAY", "GATEWAY", "::1", None),
+        ("GATEWAY", "GATEWAY", "::ffff:127.0.0.1", None),
+        ("GATEWAY", "GATEWAY", "10.1.2.3", (1, 1, 3)),
     ],
 )
 def test_association_acceptance(
@@ -154,3 +161,25 @@ def test_negotiation_keeps_the_requestor_order_of_transfer_syntaxes(
         for cx in negotiable_contexts(contexts)
     }
     assert result == expected
+
+
+def test_every_storage_sop_class_pynetdicom_knows_is_accepted_with_every_standard_syntax(
+) -> None:
+    # A modality may propose any storage SOP class (one association carries at most 128
+    # contexts, so no network test can show all of them at once).
+    contexts = []
+    for index, known in enumerate(AllStoragePresentationContexts):
+        context = build_context(known.abstract_syntax, list(ACCEPTED_TRANSFER_SYNTAXES))
+        context.context_id = (2 * index + 1) % 256
+        contexts.append(context)
+    accepted = {
+        str(cx.abstract_syntax): [str(ts) for ts in cx.transfer_syntax]
+        for cx in negotiable_contexts(contexts)
+    }
+    assert len(AllStoragePresentationContexts) > 150
+    assert set(accepted) == {str(cx.abstract_syntax) for cx in AllStoragePresentationContexts}
+    assert all(syntaxes == list(ACCEPTED_TRANSFER_SYNTAXES) for syntaxes in accepted.values())
+
+
+def test_a_study_is_stable_after_60_seconds_by_default() -> None:
+    assert EventsConfig().stable_seconds == 60

@@ -37,8 +37,8 @@ RETRY = {"initial_seconds": 0.2, "max_seconds": 0.5, "max_attempts": 100}
 @contextmanager
 def events_node(tmp_path: Path, database_url: str, sinks: list[dict[str, Any]],
                 **sections: Any) -> Iterator[Node]:
-    config = make_config(tmp_path / "gw", database_url, events=FAST, event_sink=sinks,
-                         **sections)
+    config = make_config(tmp_path / "gw", database_url,
+                         **{"events": FAST, "event_sink": sinks, **sections})
     with running_node(config) as node:
         yield node
 
@@ -92,6 +92,27 @@ def test_late_instances_raise_a_revision_with_a_higher_version(
     assert (one["version"], two["version"]) == (1, 2)
     assert one["event_id"] != two["event_id"]
     assert two["resource"]["numberOfInstances"] == 3
+
+
+def test_the_issuer_of_patient_id_is_carried_in_the_imaging_study_subject(
+    tmp_path: Path, database_url: str
+) -> None:
+    out = tmp_path / "events.jsonl"
+    events = {**FAST, "patient_identifier_system": "urn:oid:1.2.3.5"}  # for IDs without one
+    with events_node(tmp_path, database_url, [{"name": "local", "type": "file",
+                                               "path": str(out)}], events=events) as node:
+        for issuer in ("1.2.826.0.1.3680043.8.498.77", "HOSP-A"):
+            (path,) = make_study(tmp_path / issuer, 1, patient_id="PAT-ISS")
+            ds = dcmread(path)
+            ds.IssuerOfPatientID = issuer
+            ds.save_as(path)
+            assert dcmtk.storescu(node.receiver.port, [path]).ok
+        wait_until(lambda: len(lines(out)) == 2, 10)
+    subjects = [event["resource"]["subject"]["identifier"] for event in lines(out)]
+    # An OID is the identifier's system; any other issuer is named as the assigner (the
+    # configured system is for Patient IDs without an issuer).
+    assert {"value": "PAT-ISS", "system": "urn:oid:1.2.826.0.1.3680043.8.498.77"} in subjects
+    assert {"value": "PAT-ISS", "assigner": {"display": "HOSP-A"}} in subjects
 
 
 def test_fhir_sink_uses_conditional_updates_so_replays_never_duplicate(
@@ -232,6 +253,23 @@ def test_hl7_nacks_follow_the_documented_policy(
     assert state.get("done", 0) == 0
 
 
+def test_hl7_destination_that_never_acks_is_retried_after_its_timeout(
+    tmp_path: Path, database_url: str
+) -> None:
+    with hl7.mllp_receiver(None) as ris:  # takes the message, never answers
+        target = {"name": "ris", "host": "127.0.0.1", "port": ris.port, "timeout": 0.5,
+                  "retry": RETRY}
+        with events_node(tmp_path, database_url, [], hl7_destination=[target]) as node:
+            assert dcmtk.storescu(node.receiver.port, make_study(tmp_path / "s", 1)).ok
+            wait_until(lambda: len(ris.received) >= 2, 15, message="sent again after a timeout")
+            with node.engine.connect() as connection:
+                delivery = connection.execute(
+                    text("SELECT state, last_error FROM event_delivery")).one()
+    assert len(set(ris.received)) == 1, "the same message again"
+    assert delivery.state in ("pending", "in_flight"), "neither delivered nor dead"
+    assert "timed out" in delivery.last_error
+
+
 def test_kill_9_between_stability_and_delivery_loses_and_duplicates_nothing(
     tmp_path: Path, database_url: str
 ) -> None:
@@ -267,6 +305,11 @@ def _scalar(engine: Any, sql: str) -> Any:
         return connection.execute(text(sql)).scalar()
 
 
+def _cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "gateway", *args, "--config", str(config)],
+                          capture_output=True, text=True, timeout=60, check=False)
+
+
 def test_event_and_order_commands(tmp_path: Path, database_url: str) -> None:
     out = tmp_path / "events.jsonl"
     data = config_data(tmp_path / "gw", database_url, events=FAST,
@@ -285,22 +328,48 @@ def test_event_and_order_commands(tmp_path: Path, database_url: str) -> None:
         files = make_study(tmp_path / "s", 1, patient_id="PAT-CLI", accession_number="ACC-CLI")
         assert dcmtk.storescu(node.receiver.port, files).ok
         wait_until(lambda: deliveries(node).get("dead") == 1, 15)
-
-        def cli(*args: str) -> subprocess.CompletedProcess[str]:
-            return subprocess.run([sys.executable, "-m", "gateway", *args, "--config",
-                                   str(config)], capture_output=True, text=True, timeout=60,
-                                  check=False)
-
-        listing = cli("events")
+        listing = _cli(config, "events")
         assert "ImagingStudy" in listing.stdout and "local: done" in listing.stdout
         assert "hook: dead" in listing.stdout
-        orders_out = cli("orders").stdout
+        orders_out = _cli(config, "orders").stdout
         assert "accession ACC-CLI" in orders_out and "1 study(ies)" in orders_out
-        assert cli("requeue-events", "--sink", "hook").stdout.strip() == (
-            "requeued 1 event delivery(ies)")
-        assert cli("requeue-events").returncode == 2
-        as_json = json.loads(cli("events", "--json").stdout)
+        as_json = json.loads(_cli(config, "events", "--json").stdout)
         assert as_json[0]["kind"] == "ImagingStudy"
+
+
+def test_requeued_event_dead_letters_are_delivered_once_by_id_study_or_sink(
+    tmp_path: Path, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TEST_HOOK_SECRET", "k")
+    with webhook_receiver(b"k") as hook:
+        hook.status = 503  # down: with one attempt allowed, every delivery is a dead letter
+        sink = {"name": "hook", "type": "webhook", "url": hook.url,
+                "secret_env": "TEST_HOOK_SECRET",
+                "retry": {"initial_seconds": 0.1, "max_seconds": 0.1, "max_attempts": 1}}
+        data = config_data(tmp_path / "gw", database_url, events=FAST, event_sink=[sink])
+        config = tmp_path / "gateway.toml"
+        config.write_text(to_toml(data))
+        with running_node(GatewayConfig.model_validate(data)) as node:
+            studies = [make_study(tmp_path / name, 1) for name in ("a", "b", "c")]
+            uids = [str(dcmread(files[0]).StudyInstanceUID) for files in studies]
+            assert dcmtk.storescu(node.receiver.port, [f for files in studies for f in files]).ok
+            wait_until(lambda: deliveries(node).get("dead") == 3, 15)
+            hook.status = 200  # back, but dead letters wait for an operator
+
+            def requeue(*args: str) -> None:
+                delivered = len(hook.deliveries)
+                requeued = _cli(config, "requeue-events", *args).stdout.strip()
+                assert requeued == "requeued 1 event delivery(ies)", args
+                wait_until(lambda: len(hook.deliveries) == delivered + 1, 15)
+
+            # the delivery id as the events command shows it: "dead (#<id>: <reason>)"
+            (event,) = json.loads(_cli(config, "events", "--study", uids[0], "--json").stdout)
+            requeue("--id", event["deliveries"]["hook"].split("#")[1].split(":")[0])
+            requeue("--study", uids[1])
+            requeue("--sink", "hook")
+            assert _cli(config, "requeue-events").returncode == 2, "needs --id, --sink or --study"
+            assert deliveries(node) == {"done": 3}
+    assert [d["body"]["study_instance_uid"] for d in hook.deliveries] == uids
 
 
 def test_a_study_whose_data_cannot_be_mapped_does_not_hold_up_the_others(
@@ -391,4 +460,5 @@ def test_file_sink_that_cannot_be_written_is_retried_until_it_can(
         wait_until(lambda: _attempts(node) >= 2, 10, message="failed attempts")
         blocker.unlink()
         wait_until(lambda: len(lines(out)) == 1, 15)
-        assert deliveries(node) == {"done": 1}
+        # the line is written before the delivery is recorded as done
+        wait_until(lambda: deliveries(node) == {"done": 1}, 10)

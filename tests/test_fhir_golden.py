@@ -6,6 +6,8 @@ Regenerate after an intended mapping change with GOLDEN_UPDATE=1 and review the 
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -17,9 +19,9 @@ from fhir.resources.imagingstudy import ImagingStudy as ImagingStudyR5
 from fhir.resources.R4B.documentreference import DocumentReference as DocumentReferenceR4
 from fhir.resources.R4B.imagingstudy import ImagingStudy as ImagingStudyR4
 
-from tests.helpers.data import consistent_copy, write_encapsulated_pdf
+from tests.helpers.data import consistent_copy, write_encapsulated_cda, write_encapsulated_pdf
 from tests.helpers.net import wait_until
-from tests.helpers.nodes import make_config, running_node
+from tests.helpers.nodes import make_config, running_node, wait_uploaded
 from tests.helpers.scu import send_files
 
 pytestmark = pytest.mark.integration
@@ -42,9 +44,10 @@ def _read_events(path: Path) -> list[dict[str, Any]]:
 def test_fhir_resources_match_the_golden_files(
     tmp_path: Path, database_url: str, version: str
 ) -> None:
-    pdf = tmp_path / "report.dcm"
+    pdf, cda = tmp_path / "report.dcm", tmp_path / "report-cda.dcm"
     write_encapsulated_pdf(pdf)
-    files = [consistent_copy(name, tmp_path / "samples") for name in SAMPLES] + [pdf]
+    write_encapsulated_cda(cda)
+    files = [consistent_copy(name, tmp_path / "samples") for name in SAMPLES] + [pdf, cda]
     events_file = tmp_path / "events.jsonl"
     config = make_config(
         tmp_path / "gw", database_url,
@@ -58,7 +61,9 @@ def test_fhir_resources_match_the_golden_files(
         for path in files:  # one association each: pynetdicom sends the files' bytes as is
             report = send_files(node.receiver.port, [path])
             assert report.statuses and report.statuses[0][1] == 0, path
-        wait_until(lambda: len(_read_events(events_file)) >= len(files) + 2, 30,
+        # an ImagingStudy per file (each its own study) and a DocumentReference each for
+        # the SR, the PDF and the CDA
+        wait_until(lambda: len(_read_events(events_file)) >= len(files) + 3, 30,
                    message="events for every study and document")
     problems = []
     for event in _read_events(events_file):
@@ -76,4 +81,28 @@ def test_fhir_resources_match_the_golden_files(
             problems.append(f"{golden.name} differs")
     assert not problems, problems
     kinds = sorted(event["type"] for event in _read_events(events_file))
-    assert kinds == ["DocumentReference"] * 2 + ["ImagingStudy"] * 5
+    assert kinds == ["DocumentReference"] * 3 + ["ImagingStudy"] * 6
+
+
+def test_document_attachment_has_the_size_and_sha1_of_the_stored_object(
+    tmp_path: Path, database_url: str
+) -> None:
+    cda = tmp_path / "report-cda.dcm"
+    sop_uid = write_encapsulated_cda(cda)
+    events_file = tmp_path / "events.jsonl"
+    config = make_config(
+        tmp_path / "gw", database_url, events={"stable_seconds": 0.5, "check_seconds": 0.2},
+        event_sink=[{"name": "local", "type": "file", "path": str(events_file)}],
+    )
+    with running_node(config) as node:
+        report = send_files(node.receiver.port, [cda])
+        assert report.statuses and report.statuses[0][1] == 0
+        wait_uploaded(node.engine, 1)
+        wait_until(lambda: len(_read_events(events_file)) == 2, 30)
+    (document,) = [e for e in _read_events(events_file) if e["type"] == "DocumentReference"]
+    attachment = document["resource"]["content"][0]["attachment"]
+    (stored,) = (tmp_path / "gw" / "objects").resolve().rglob(f"{sop_uid}/*.dcm")
+    content = stored.read_bytes()
+    assert attachment["url"] == f"file://{stored}"
+    assert attachment["size"] == len(content)
+    assert attachment["hash"] == base64.b64encode(hashlib.sha1(content).digest()).decode()

@@ -164,8 +164,11 @@ def test_rejecting_destination_is_retried_then_dead_lettered_with_the_reason(
         ([0xA900], "dead", "0xA900"),  # data set does not match SOP class
         ([0xC000], "dead", "0xC000"),  # cannot understand
         ([0xB000], "done", "0xB000"),  # warning: delivered, warning kept
+        ([0xB006], "done", "0xB006"),  # elements discarded
+        ([0xB007], "done", "0xB007"),  # data set does not match SOP class
     ],
-    ids=["A700-transient", "A900-permanent", "C000-permanent", "B000-warning"],
+    ids=["A700-transient", "A900-permanent", "C000-permanent", "B000-warning", "B006-warning",
+         "B007-warning"],
 )
 def test_status_classes_decide_the_outcome(
     tmp_path: Path, database_url: str, statuses: list[int], final_state: str, detail: str | None
@@ -186,8 +189,10 @@ def test_status_classes_decide_the_outcome(
                                                              and statuses[0] < 0xA800 else [])
     if final_state == "dead":
         assert detail in job.dead_reason
-    if detail == "0xB000":
+    if final_state == "done" and detail:
         assert detail in job.warning
+        assert [outcome for outcome, _ in attempts] == ["warning"]
+        assert len(peer.stored()) == 1
 
 
 def test_jpeg2000_instance_is_decompressed_for_a_destination_that_wants_uncompressed(

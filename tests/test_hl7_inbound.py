@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,10 +16,12 @@ from structlog.testing import capture_logs
 from gateway.hl7 import messages
 from gateway.node import Node
 from tests.helpers import dcmtk, hl7
+from tests.helpers.admin_http import AdminClient, metric
 from tests.helpers.data import make_study
 from tests.helpers.net import LOOPBACK, wait_until
 from tests.helpers.nodes import make_config, running_node
 from tests.helpers.peers import status_peer
+from tests.test_admin_api import http_section
 
 pytestmark = pytest.mark.integration
 
@@ -28,9 +31,28 @@ def hl7_node(tmp_path: Path, database_url: str) -> Iterator[Node]:
     config = make_config(tmp_path, database_url, hl7={"listen_port": 0, "host": "127.0.0.1",
                                                        "max_message_bytes": 65536,
                                                        "timeout": 5.0},
-                         events={"stable_seconds": 0.5, "check_seconds": 0.2})
+                         events={"stable_seconds": 0.5, "check_seconds": 0.2},
+                         event_sink=[{"name": "local", "type": "file",
+                                      "path": str(_events_file(tmp_path))}],
+                         http=http_section(tmp_path))
     with running_node(config) as node:
         yield node
+
+
+def _events_file(tmp_path: Path) -> Path:
+    return tmp_path / "events.jsonl"
+
+
+def _imaging_studies(tmp_path: Path) -> list[dict[str, Any]]:
+    path = _events_file(tmp_path)
+    events = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return [event["resource"] for event in events if event["type"] == "ImagingStudy"]
+
+
+def _mismatches_counted(node: Node) -> float:
+    assert node.admin_server is not None
+    samples = AdminClient(node.admin_server.port).metrics()
+    return metric(samples, "dicom_gateway_order_demographics_mismatches_total")
 
 
 def _port(node: Node) -> int:
@@ -154,14 +176,33 @@ def test_order_before_images_links_the_study_and_flags_mismatched_demographics(
         ds.PatientBirthDate = "19700113"
         ds.PatientSex = "F"
         ds.save_as(path)
+    assert _mismatches_counted(hl7_node) == 0
     with capture_logs() as logs:
         assert dcmtk.storescu(hl7_node.receiver.port, files).ok
-        wait_until(lambda: _one(hl7_node, "SELECT order_pk FROM study")[0] is not None, 15)
+        wait_until(lambda: len(_imaging_studies(tmp_path)) == 1, 15)
     study = _one(hl7_node, "SELECT order_pk, demographics_mismatch FROM study")
     assert study.demographics_mismatch == "PatientBirthDate"
     flagged = [e for e in logs if e["event"] == "order_demographics_mismatch"]
     assert flagged and flagged[0]["attributes"] == ["PatientBirthDate"]
     assert "19700113" not in repr(logs) and "19700131" not in repr(logs)
+    wait_until(lambda: _mismatches_counted(hl7_node) == 1, 5)
+    (imaging_study,) = _imaging_studies(tmp_path)
+    assert imaging_study["basedOn"] == [{"type": "ServiceRequest", "identifier": {
+        "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203",
+                             "code": "ACSN"}]},
+        "value": "ACC777"}}]
+
+
+def test_a_mismatched_study_is_counted_once_across_its_revisions(
+    hl7_node: Node, tmp_path: Path
+) -> None:
+    hl7.send(_port(hl7_node), hl7.orm_o01("ACC666", patient_id="PAT6", name="Ordered^Name"))
+    files = make_study(tmp_path / "s", 2, patient_id="PAT6", accession_number="ACC666")
+    assert dcmtk.storescu(hl7_node.receiver.port, files[:1]).ok  # named Synthetic^Test
+    wait_until(lambda: len(_imaging_studies(tmp_path)) == 1, 15)
+    assert dcmtk.storescu(hl7_node.receiver.port, files[1:]).ok  # a revision, reconciled again
+    wait_until(lambda: len(_imaging_studies(tmp_path)) == 2, 15)
+    assert _mismatches_counted(hl7_node) == 1
 
 
 def test_order_after_images_links_the_existing_study(hl7_node: Node, tmp_path: Path) -> None:

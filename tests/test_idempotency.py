@@ -12,6 +12,7 @@ from structlog.testing import capture_logs
 from gateway.node import Node
 from tests.helpers import dcmtk
 from tests.helpers.data import make_study
+from tests.helpers.net import wait_until
 from tests.helpers.nodes import wait_uploaded
 
 pytestmark = pytest.mark.integration
@@ -36,7 +37,9 @@ def test_identical_resend_succeeds_and_creates_nothing(node: Node, tmp_path: Pat
     assert result.ok, result.output
     assert _rows(node, "SELECT count(*) FROM instance") == [(3,)]
     assert len(_object_files(node)) == 3
-    assert list(node.spool.ready.iterdir()) == []
+    # The spool file goes right after the row records the object.
+    wait_until(lambda: list(node.spool.ready.iterdir()) == [], 10,
+               message="the uploaded spool files deleted")
     assert sum(1 for e in logs if e["event"] == "instance_duplicate") == 3
     released = [e for e in logs if e["event"] == "association_released"]
     assert released[0]["duplicates"] == 3

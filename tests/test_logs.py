@@ -6,6 +6,8 @@ import io
 import json
 import logging
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 import structlog
@@ -14,6 +16,10 @@ from sqlalchemy.exc import IntegrityError
 from gateway.config import LoggingConfig
 from gateway.index.database import describe_error
 from gateway.logs import REDACTED, RedactPHI, configure_logging
+from tests.helpers import dcmtk
+from tests.helpers.data import make_study
+from tests.helpers.net import free_port, wait_until
+from tests.helpers.nodes import node_process
 
 
 @pytest.mark.parametrize(
@@ -78,3 +84,70 @@ def test_database_errors_are_logged_without_parameters() -> None:
     text = describe_error(error)
     assert "UNIQUE constraint failed" in text
     assert "PAT-77" not in text and "Doe^Jane" not in text
+
+
+@pytest.mark.integration
+def test_correlation_ids_tie_an_association_to_its_forwards_and_no_phi_is_logged(
+    tmp_path: Path,
+) -> None:
+    down = free_port()
+    destination = {"name": "pacs", "ae_title": "PEER", "host": "127.0.0.1", "port": down,
+                   "timeout": 3.0, "retry": {"initial_seconds": 0.1, "max_seconds": 0.2,
+                                             "max_attempts": 1}}
+    with node_process(tmp_path / "gw", f"sqlite:///{tmp_path / 'index.db'}",
+                      destination=[destination],
+                      route=[{"name": "all", "destinations": ["pacs"]}]) as node:
+        paths = make_study(tmp_path / "s", 2, patient_id="PHI-PATIENT-77",
+                           accession_number="ACC-77")
+        assert dcmtk.storescu(node.port, paths).ok
+
+        def named(name: str) -> list[dict[str, Any]]:
+            return [e for e in node.log_events() if e.get("event") == name]
+
+        wait_until(lambda: len(named("dead_letter")) == 2, 30)
+        received = named("association_released")[0]["assoc_id"]
+        forwards = named("forward_association")
+        letters = named("dead_letter")
+        text = node.log_path.read_text()
+    assert {letter["assoc_id"] for letter in letters} == {received}
+    assert all(f["received_association_ids"] == [received] for f in forwards)
+    assert {letter["forward_association_id"] for letter in letters} <= {
+        f["forward_association_id"] for f in forwards}
+    assert "PHI-PATIENT-77" not in text
+    assert "Synthetic" not in text  # the patient name
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize(
+    ("log_format", "stream_type", "json_expected"),
+    [
+        ("auto", io.StringIO, True),  # journald, a file, a container: JSON
+        ("auto", _Terminal, False),  # an admin at a terminal: console lines
+        ("json", _Terminal, True),
+        ("console", io.StringIO, False),
+    ],
+)
+def test_log_format_follows_the_config_and_the_terminal(
+    log_format: str, stream_type: type[io.StringIO], json_expected: bool
+) -> None:
+    stream = stream_type()
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+    configure_logging(LoggingConfig.model_validate({"format": log_format}), stream, cache=False)
+    try:
+        structlog.get_logger("gateway.test").info("format_probe", calling_ae="CT01")
+    finally:
+        structlog.reset_defaults()
+        root.handlers, root.level = saved
+    line = stream.getvalue().strip().splitlines()[-1]
+    assert "format_probe" in line
+    if json_expected:
+        assert json.loads(line)["event"] == "format_probe"
+    else:
+        with pytest.raises(json.JSONDecodeError):
+            json.loads(line)
+        assert "calling_ae=CT01" in line or "calling_ae" in line

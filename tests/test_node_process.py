@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
-from sqlalchemy import create_engine, text
+from sqlalchemy import Engine, create_engine, text
 
 from tests.helpers import dcmtk
 from tests.helpers.data import make_study, write_large_instance
@@ -21,7 +21,10 @@ from tests.helpers.scu import SendReport, send_files
 pytestmark = pytest.mark.integration
 
 
-def test_sigterm_lets_the_association_in_flight_finish(tmp_path: Path, database_url: str) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_sigterm_lets_the_association_in_flight_finish(
+    tmp_path: Path, database_url: str, signum: signal.Signals
+) -> None:
     files = make_study(tmp_path / "study", 40)
     with node_process(tmp_path / "node", database_url) as node:
         reports: list[SendReport] = []
@@ -35,7 +38,7 @@ def test_sigterm_lets_the_association_in_flight_finish(tmp_path: Path, database_
         sender.start()
         wait_until(lambda: len(acknowledged) >= 10, 30)
         stopped_at = time.monotonic()
-        node.signal(signal.SIGTERM)
+        node.signal(signum)
         wait_until(lambda: not port_open(node.port), 5, message="the listener to close")
         sender.join(60)
         assert node.wait(30) == 0
@@ -127,3 +130,60 @@ def test_a_large_instance_is_streamed_without_growing_memory(
     assert stored_size >= size
     growth_mib = (peak_kib - baseline_kib) / 1024
     assert growth_mib < 64, f"RSS grew by {growth_mib:.0f} MiB while receiving 300 MiB"
+
+
+def test_memory_does_not_grow_with_the_size_of_a_study(tmp_path: Path, database_url: str) -> None:
+    warm_up = make_study(tmp_path / "warm-up", 50)
+    study = make_study(tmp_path / "study", 600)
+    with node_process(tmp_path / "node", database_url) as node:
+        result = dcmtk.storescu(node.port, warm_up)
+        assert result.ok, result.output
+        baseline_kib = node.peak_rss_kib()
+        result = dcmtk.storescu(node.port, study, timeout=300)
+        assert result.ok, result.output
+        engine = create_engine(database_url)
+        try:
+            wait_uploaded(engine, 650, timeout=120)
+        finally:
+            engine.dispose()
+        peak_kib = node.peak_rss_kib()
+    growth_mib = (peak_kib - baseline_kib) / 1024
+    assert growth_mib < 32, f"RSS grew by {growth_mib:.0f} MiB over a 600-instance study"
+
+
+@pytest.mark.slow
+def test_a_large_instance_is_forwarded_without_growing_memory(
+    tmp_path: Path, database_url: str
+) -> None:
+    # Forwarding as stored streams the file from the spool or the object store: the node
+    # must not read the 300 MiB into memory on the way out either.
+    size = 300 * 1024 * 1024
+    big = tmp_path / "big.dcm"
+    write_large_instance(big, size)
+    with dcmtk.storescp(tmp_path / "pacs", ae_title="PACS") as pacs:
+        sections = {
+            "destination": [{"name": "pacs", "ae_title": "PACS", "host": LOOPBACK,
+                             "port": pacs.port, "timeout": 120.0}],
+            "route": [{"name": "all", "destinations": ["pacs"]}],
+        }
+        with node_process(tmp_path / "node", database_url, **sections) as node:
+            baseline_kib = node.peak_rss_kib()
+            result = dcmtk.storescu(node.port, [big], timeout=600)
+            assert result.ok, result.output
+            engine = create_engine(database_url)
+            try:
+                wait_until(lambda: _forward_states(engine) == {"done": 1}, 300,
+                           message="the instance forwarded")
+            finally:
+                engine.dispose()
+            peak_kib = node.peak_rss_kib()
+        (received,) = pacs.files()
+    assert received.stat().st_size >= size
+    growth_mib = (peak_kib - baseline_kib) / 1024
+    assert growth_mib < 64, f"RSS grew by {growth_mib:.0f} MiB while forwarding 300 MiB"
+
+
+def _forward_states(engine: Engine) -> dict[str, int]:
+    with engine.connect() as connection:
+        rows = connection.execute(text("SELECT state, count(*) FROM forward_job GROUP BY state"))
+        return {row[0]: row[1] for row in rows}

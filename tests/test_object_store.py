@@ -169,7 +169,9 @@ def test_s3_outage_keeps_instances_in_the_spool_until_it_returns(
             assert len(list(node.spool.ready.iterdir())) == 3
             server.start()
             wait_uploaded(node.engine, 5, timeout=60)
-            assert list(node.spool.ready.iterdir()) == []
+            # The spool file goes right after the row records the object.
+            wait_until(lambda: list(node.spool.ready.iterdir()) == [], 10,
+                       message="the uploaded spool files deleted")
         names = list(server.client().list_objects(bucket, recursive=True))
         assert len(names) == 5
 

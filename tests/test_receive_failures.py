@@ -90,6 +90,31 @@ def test_database_unavailable_answers_out_of_resources_and_keeps_nothing(
         wait_uploaded(node.engine, 2)
 
 
+def test_spool_write_failure_answers_out_of_resources_and_keeps_nothing(
+    tmp_path: Path, database_url: str
+) -> None:
+    # The spool's ready/ directory becomes unusable (a disk error, a mount gone):
+    # making the received file durable fails, and the sender is told so.
+    config = make_config(tmp_path, database_url)
+    files = make_study(tmp_path / "study", 2)
+    with running_node(config) as node:
+        ready = node.spool.ready
+        moved = ready.with_name("ready-away")
+        ready.rename(moved)
+        ready.write_text("not a directory")
+        with capture_logs() as logs:
+            report = send_files(node.receiver.port, files[:1])
+        assert report.statuses == [(report.statuses[0][0], Status.OUT_OF_RESOURCES)]
+        assert any(entry["event"] == "spool_write_failed" for entry in logs)
+        assert _instance_count(node.engine) == 0
+        assert list(node.spool.incoming.iterdir()) == []
+        ready.unlink()
+        moved.rename(ready)
+        report = send_files(node.receiver.port, files)
+        assert [status for _, status in report.statuses] == [0, 0]
+        wait_uploaded(node.engine, 2)
+
+
 def test_spool_below_free_space_threshold_refuses_associations_transiently(
     tmp_path: Path, database_url: str
 ) -> None:
@@ -143,7 +168,9 @@ def test_object_store_outage_does_not_block_receiving_and_uploads_resume(
         assert len(list(node.spool.ready.iterdir())) == 3
         objects.unlink()  # the store comes back
         wait_uploaded(node.engine, 3, timeout=30)
-        assert list(node.spool.ready.iterdir()) == []
+        # The spool file goes right after the row records the object.
+        wait_until(lambda: list(node.spool.ready.iterdir()) == [], 10,
+                   message="the uploaded spool files deleted")
 
 
 def _broken_files(directory: Path) -> dict[str, tuple[Path, int]]:

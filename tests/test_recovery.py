@@ -83,7 +83,9 @@ def test_a_commit_that_fails_after_reaching_the_database_loses_nothing(
         assert second.statuses[0][1] == Status.SUCCESS
         wait_uploaded(node.engine, 1)
         assert _count(node, "SELECT count(*) FROM instance") == 1
-        assert list(node.spool.ready.iterdir()) == []
+        # The spool file goes right after the row records the object.
+        wait_until(lambda: list(node.spool.ready.iterdir()) == [], 10,
+                   message="the uploaded spool files deleted")
 
 
 def test_a_resend_restores_a_spooled_instance_whose_file_went_missing(

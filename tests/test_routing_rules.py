@@ -34,6 +34,8 @@ ROUTES = [
     {"name": "everything-else", "destinations": ["vna"], "match": {}},
     {"name": "no-accession", "destinations": ["fixme"], "match": {"AccessionNumber": ""}},
     {"name": "derived", "destinations": ["derived"], "match": {"ImageType": "DERIVED"}},
+    {"name": "station", "destinations": ["station"], "match": {"StationName": "CT?1"}},
+    {"name": "second-ae", "destinations": ["second"], "match": {"called_ae": "GW2"}},
 ]
 RULES = compile_rules(RouteConfig.model_validate(route) for route in ROUTES)
 
@@ -53,6 +55,11 @@ def facts(**values: Any) -> dict[str, tuple[str, ...]]:
     [
         (facts(calling_ae="CT01", Modality="CT"), {"main-pacs", "vna"},
          ["ct-from-ct01", "everything-else"]),
+        # ? matches exactly one character
+        (facts(StationName="CTA1"), {"station", "vna"}, ["everything-else", "station"]),
+        (facts(StationName="CTAB1"), {"vna"}, ["everything-else"]),
+        # the called AE title the modality used
+        (facts(called_ae="GW2"), {"second", "vna"}, ["everything-else", "second-ae"]),
         (facts(calling_ae="CT01", Modality="PT"), {"main-pacs", "vna"},
          ["ct-from-ct01", "everything-else"]),
         (facts(calling_ae="CT02", Modality="CT"), {"vna"}, ["everything-else"]),

@@ -25,6 +25,7 @@ from gateway.index.database import describe_error
 from gateway.index.events import ClaimedDelivery
 from gateway.index.outbox import Outcome
 from gateway.logs import failure_fields, get_logger
+from gateway.metrics import Metrics
 
 log = get_logger(__name__)
 
@@ -40,9 +41,10 @@ def _utcnow() -> dt.datetime:
 
 class SinkWorker:
     def __init__(
-        self, sink: Sink, retry: ForwardRetryConfig, engine: Engine, node_name: str,
-        clock: Callable[[], dt.datetime] = _utcnow,
+        self, sink: Sink, retry: ForwardRetryConfig, engine: Engine, node_name: str, *,
+        clock: Callable[[], dt.datetime] = _utcnow, metrics: Metrics | None = None,
     ) -> None:
+        self.metrics = metrics or Metrics()
         self.sink = sink
         self.retry = retry
         self.engine = engine
@@ -117,6 +119,7 @@ class SinkWorker:
                                                          next_attempt_at=next_at))
                 level = log.warning if self._failures <= 3 else log.debug
                 level("event_delivery_failed", sink=self.sink.name, event_id=delivery.event_id,
+                      study_instance_uid=delivery.study_instance_uid,
                       error=str(exc)[:300], retry_in_s=round(delay, 2))
             return False
         except PermanentDeliveryError as exc:
@@ -136,7 +139,8 @@ class SinkWorker:
         self._failures = 0
         self._record(delivery, attempts, Outcome("success"))
         log.debug("event_delivered", sink=self.sink.name, event_id=delivery.event_id,
-                  kind=delivery.kind, version=delivery.version)
+                  kind=delivery.kind, study_instance_uid=delivery.study_instance_uid,
+                  version=delivery.version)
         return True
 
     def _log_dead(self, delivery: ClaimedDelivery, reason: str) -> None:
@@ -145,6 +149,9 @@ class SinkWorker:
                     version=delivery.version, reason=reason[:300])
 
     def _record(self, delivery: ClaimedDelivery, attempts: int, result: Outcome) -> None:
+        self.metrics.event_deliveries.labels(self.sink.name, result.outcome).inc()
+        if result.dead_reason is not None:
+            self.metrics.dead_letters.labels("event", self.sink.name).inc()
         try:
             with self.engine.begin() as connection:
                 kept = outbox.record(connection, events.delivery_table, delivery.id,
@@ -197,6 +204,22 @@ class EventDispatcher:
     def wake(self) -> None:
         for worker in self.workers:
             worker.wake.set()
+
+    def reconfigure(self, leaving: set[str], starting: list[SinkWorker]) -> None:
+        """Apply a reloaded configuration: stop the workers of sinks that were removed
+        or changed, start *starting*. Deliveries to removed sinks become dead letters."""
+        stopping = [worker for worker in self.workers if worker.sink.name in leaving]
+        for worker in stopping:
+            worker.stop()
+        self.workers = [w for w in self.workers if w.sink.name not in leaving] + starting
+        with self.engine.begin() as connection:
+            dropped = events.dead_letter_unconfigured(
+                connection, [worker.sink.name for worker in self.workers], _utcnow()
+            )
+        if dropped:
+            log.warning("event_deliveries_for_unknown_sinks", deliveries=dropped)
+        for worker in starting:
+            worker.start()
 
     def stop(self) -> None:
         for worker in self.workers:

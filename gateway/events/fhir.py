@@ -126,10 +126,11 @@ def _subject(patient: PatientSummary, options: FhirOptions) -> dict[str, Any]:
     issuer = patient.issuer_of_patient_id
     if issuer and _OID.match(issuer):
         identifier["system"] = f"urn:oid:{issuer}"
+    elif issuer:
+        # Not a system we can name; the configured one is for IDs without an issuer.
+        identifier["assigner"] = {"display": issuer}
     elif options.patient_identifier_system:
         identifier["system"] = options.patient_identifier_system
-    if issuer and "system" not in identifier:
-        identifier["assigner"] = {"display": issuer}
     return {"type": "Patient", "identifier": identifier}
 
 

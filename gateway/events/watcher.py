@@ -20,6 +20,7 @@ from gateway.hl7.messages import PatientInfo
 from gateway.index import events, orders
 from gateway.index.database import describe_error
 from gateway.logs import failure_fields, get_logger
+from gateway.metrics import Metrics
 
 log = get_logger(__name__)
 
@@ -38,7 +39,9 @@ class StudyWatcher:
         check_seconds: float,
         on_events: Callable[[], None],
         clock: Callable[[], dt.datetime] = _utcnow,
+        metrics: Metrics | None = None,
     ) -> None:
+        self.metrics = metrics or Metrics()
         self.engine = engine
         self.targets = targets
         self.stable = dt.timedelta(seconds=stable_seconds)
@@ -50,6 +53,13 @@ class StudyWatcher:
 
     def start(self) -> None:
         self._thread.start()
+
+    def reconfigure(self, targets: EventTargets, stable_seconds: float,
+                    check_seconds: float) -> None:
+        """Use a reloaded configuration for studies that become due from now on."""
+        self.targets = targets
+        self.stable = dt.timedelta(seconds=stable_seconds)
+        self.check_seconds = check_seconds
 
     def stop(self) -> None:
         self._stopping.set()
@@ -102,6 +112,9 @@ class StudyWatcher:
                                targets=self.targets, order=order, now=now)
             events.insert_events(connection, study_pk, study.summary.study_instance_uid,
                                  version=claim.version, events=new, now=now)
+        self.metrics.study_events.inc()
+        if reconciled and reconciled.newly_flagged:
+            self.metrics.demographics_mismatches.inc()
         if reconciled and reconciled.mismatched:
             log.warning("order_demographics_mismatch",
                         study_instance_uid=study.summary.study_instance_uid,

@@ -23,6 +23,7 @@ from gateway.hl7.messages import END_BLOCK, START_BLOCK, Hl7MessageError, Inboun
 from gateway.index import orders
 from gateway.index.database import describe_error
 from gateway.logs import failure_fields, get_logger
+from gateway.metrics import Metrics
 
 log = get_logger(__name__)
 
@@ -75,7 +76,9 @@ class Hl7Processor:
         self, engine: Engine, config: Hl7Config,
         on_order: Callable[[list[int]], None] = lambda studies: None,
         clock: Callable[[], dt.datetime] = _utcnow,
+        metrics: Metrics | None = None,
     ) -> None:
+        self.metrics = metrics or Metrics()
         self.engine = engine
         self.config = config
         self.on_order = on_order
@@ -98,6 +101,7 @@ class Hl7Processor:
             code, detail, error_code = "AE", "internal error", "207"
         message_type = header.message_type or None
         control_id = header.control_id or None
+        self.metrics.hl7_messages.labels(message_type or "unknown", code).inc()
         level = log.info if code == "AA" else log.warning
         level("hl7_message", message_type=message_type, control_id=control_id, ack=code,
               detail=detail, peer_address=peer)
@@ -143,8 +147,9 @@ class Hl7Processor:
             return f"merged; {moved} study(ies) moved"
         raise Hl7MessageError("AR", "200", f"message type {kind or '(none)'} is not supported")
 
-    @staticmethod
-    def _reconciled(result: orders.Reconciliation | None) -> None:
+    def _reconciled(self, result: orders.Reconciliation | None) -> None:
+        if result and result.newly_flagged:
+            self.metrics.demographics_mismatches.inc()
         if result and result.mismatched:
             log.warning("order_demographics_mismatch", study_pk=result.study_pk,
                         order_pk=result.order_pk, attributes=result.mismatched)

@@ -57,13 +57,18 @@ class Reconciliation:
     study_pk: int
     order_pk: int
     mismatched: list[str]
+    newly_flagged: bool
+    """The study was not flagged against this order before (so metrics count it once,
+    though it is reconciled again when the order arrives, when it is stable and on each
+    revision)."""
 
 
 def reconcile_study(connection: Connection, study_pk: int) -> Reconciliation | None:
     """Link a study to the order with its accession number; flag demographic mismatches."""
     s = study_table.c
     study = connection.execute(
-        select(s.id, s.accession_number, s.order_pk, s.patient_pk).where(s.id == study_pk)
+        select(s.id, s.accession_number, s.order_pk, s.patient_pk, s.demographics_mismatch)
+        .where(s.id == study_pk)
     ).first()
     if study is None or not study.accession_number:
         return None
@@ -92,7 +97,9 @@ def reconcile_study(connection: Connection, study_pk: int) -> Reconciliation | N
         .where(s.id == study_pk)
         .values(order_pk=order.id, demographics_mismatch=", ".join(different) or None)
     )
-    return Reconciliation(study_pk, order.id, different)
+    flagged_before = study.order_pk == order.id and bool(study.demographics_mismatch)
+    return Reconciliation(study_pk, order.id, different,
+                          newly_flagged=bool(different) and not flagged_before)
 
 
 def studies_with_accession(connection: Connection, accession: str) -> list[int]:

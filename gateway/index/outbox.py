@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, Table, and_, or_, update
+from sqlalchemy import Connection, FromClause, Table, and_, or_, update
 
 PENDING = "pending"
 IN_FLIGHT = "in_flight"
@@ -34,7 +34,7 @@ class Outcome:
     """Set when the delivery becomes a dead letter."""
 
 
-def due(table: Table, now: dt.datetime) -> Any:
+def due(table: FromClause, now: dt.datetime) -> Any:
     """Rows ready to be claimed: pending and due, or in flight under an expired lease."""
     c = table.c
     return or_(

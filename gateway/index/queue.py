@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
-from sqlalchemy import Connection, Table, and_, case, func, or_, select, update
+from sqlalchemy import Connection, Table, and_, case, exists, func, or_, select, update
 
 from gateway.index import outbox
 from gateway.index.outbox import Outcome
@@ -52,13 +52,39 @@ class ClaimedJob:
     instance_state: str
     spool_name: str | None
     object_key: str | None
+    received_association_id: str | None = None
+    """The association that brought the instance in (ties forward logs to receive logs)."""
 
 
-def _sendable_by(node: str) -> Any:
+def _sendable_by(node: str, instances: Any = instance_table) -> Any:
     # A spooled instance exists only on the node that received it; once stored it is in
     # the shared object store and any node may send it.
-    i = instance_table.c
+    i = instances.c
     return or_(i.state == STORED, i.received_by == node)
+
+
+def _first_of_its_study(node: str, now: dt.datetime) -> Any:
+    """No older job of the same study is waiting for the destination (and sendable by
+    *node*): a claim starts only at the head of a study.
+
+    Without this, on PostgreSQL a worker whose pick skipped the head row (locked by
+    another worker's claim in progress) would take the next row of the same study, and
+    the study would be split over two associations.
+    """
+    c = job_table.c
+    older = job_table.alias("older_job")
+    older_instance = instance_table.alias("older_instance")
+    return ~exists(
+        select(older.c.id)
+        .join(older_instance, older_instance.c.id == older.c.instance_pk)
+        .where(
+            older.c.destination == c.destination,
+            older.c.study_instance_uid == c.study_instance_uid,
+            older.c.id < c.id,
+            outbox.due(older, now),
+            _sendable_by(node, older_instance),
+        )
+    )
 
 
 def claim_batch(
@@ -79,8 +105,16 @@ def claim_batch(
         .join(instance_table, i.id == c.instance_pk)
         .where(c.destination == destination, outbox.due(job_table, now), _sendable_by(node))
     )
+    if connection.dialect.name == "postgresql":
+        # SKIP LOCKED may pass over the head of a study that another worker is claiming;
+        # on SQLite claims are serialized by the write lock, so the oldest due job is
+        # always the head of its study and the (costly) check is not needed.
+        base = base.where(_first_of_its_study(node, now))
     first = connection.execute(
-        base.order_by(c.id).limit(1).with_for_update(skip_locked=True, of=job_table)
+        base
+        .order_by(c.id)
+        .limit(1)
+        .with_for_update(skip_locked=True, of=job_table)
     ).first()
     if first is None:
         return []
@@ -104,6 +138,7 @@ def claim_batch(
             i.spool_name,
             i.object_key,
             i.is_current,
+            i.association_id.label("received_association_id"),
         )
         .join(instance_table, i.id == c.instance_pk)
         .join(series_table, series_table.c.id == i.series_pk)

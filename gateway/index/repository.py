@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+import functools
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from sqlalchemy import Connection, Table, and_, case, func, select, update
+from sqlalchemy import Connection, Table, and_, bindparam, case, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from gateway.dicom.attributes import InstanceAttributes
@@ -89,18 +90,25 @@ def patient_key(attrs: InstanceAttributes) -> str:
     return f"study:{attrs.study_instance_uid}"
 
 
-def _upsert_patient(connection: Connection, attrs: InstanceAttributes, now: dt.datetime) -> int:
-    stmt = dialect_insert(connection, patient_table).values(
-        patient_key=patient_key(attrs),
-        patient_id=attrs.patient_id,
-        issuer_of_patient_id=attrs.issuer_of_patient_id,
-        patient_name=attrs.patient_name,
-        patient_birth_date=attrs.patient_birth_date,
-        patient_sex=attrs.patient_sex,
-        updated_at=now,
-    )
+# The statements of the C-STORE path are built once per dialect: building an INSERT ...
+# ON CONFLICT costs more CPU than executing it, and a statement object reused keeps its
+# compiled form in SQLAlchemy's cache. Values are bound at execution.
+
+
+@dataclass(frozen=True, slots=True)
+class _HotStatements:
+    upsert_patient: Any
+    upsert_study: Any
+    upsert_series: Any
+    find_current: Any
+    insert_instance: Any
+    insert_forward_jobs: Any
+
+
+def _build_upsert_patient(insert: Any) -> Any:
+    stmt = insert(patient_table)
     c = patient_table.c
-    stmt = stmt.on_conflict_do_update(
+    return stmt.on_conflict_do_update(
         index_elements=[c.patient_key],
         set_={
             "patient_name": func.coalesce(stmt.excluded.patient_name, c.patient_name),
@@ -111,28 +119,13 @@ def _upsert_patient(connection: Connection, attrs: InstanceAttributes, now: dt.d
             "updated_at": stmt.excluded.updated_at,
         },
     ).returning(c.id)
-    return int(connection.execute(stmt).scalar_one())
 
 
-def _upsert_study(
-    connection: Connection, attrs: InstanceAttributes, patient_pk: int, now: dt.datetime
-) -> int:
-    stmt = dialect_insert(connection, study_table).values(
-        study_instance_uid=attrs.study_instance_uid,
-        patient_pk=patient_pk,
-        accession_number=attrs.accession_number,
-        study_date=attrs.study_date,
-        study_time=attrs.study_time,
-        study_description=attrs.study_description,
-        study_id=attrs.study_id,
-        referring_physician_name=attrs.referring_physician_name,
-        first_received_at=now,
-        last_received_at=now,
-        change_seq=1,
-    )
+def _build_upsert_study(insert: Any) -> Any:
+    stmt = insert(study_table)
     c = study_table.c
     newest = stmt.excluded
-    stmt = stmt.on_conflict_do_update(
+    return stmt.on_conflict_do_update(
         index_elements=[c.study_instance_uid],
         set_={
             "patient_pk": newest.patient_pk,
@@ -152,24 +145,13 @@ def _upsert_study(
             "change_seq": c.change_seq + 1,
         },
     ).returning(c.id)
-    return int(connection.execute(stmt).scalar_one())
 
 
-def _upsert_series(
-    connection: Connection, attrs: InstanceAttributes, study_pk: int, now: dt.datetime
-) -> int:
-    stmt = dialect_insert(connection, series_table).values(
-        series_instance_uid=attrs.series_instance_uid,
-        study_pk=study_pk,
-        modality=attrs.modality,
-        series_number=attrs.series_number,
-        series_description=attrs.series_description,
-        body_part_examined=attrs.body_part_examined,
-        last_received_at=now,
-    )
+def _build_upsert_series(insert: Any) -> Any:
+    stmt = insert(series_table)
     c = series_table.c
     newest = stmt.excluded
-    stmt = stmt.on_conflict_do_update(
+    return stmt.on_conflict_do_update(
         index_elements=[c.series_instance_uid],
         set_={
             "study_pk": newest.study_pk,
@@ -180,18 +162,86 @@ def _upsert_series(
             "last_received_at": newest.last_received_at,
         },
     ).returning(c.id)
-    return int(connection.execute(stmt).scalar_one())
+
+
+def _build_find_current() -> Any:
+    c = instance_table.c
+    return (
+        select(c.id, c.sha256, c.version, c.transfer_syntax_uid, c.state, c.spool_name)
+        .where(c.sop_instance_uid == bindparam("uid"), c.is_current.is_(True))
+        .with_for_update()
+    )
+
+
+@functools.cache
+def _hot_statements(dialect_name: str) -> _HotStatements:
+    insert = postgresql.insert if dialect_name == "postgresql" else sqlite.insert
+    return _HotStatements(
+        upsert_patient=_build_upsert_patient(insert),
+        upsert_study=_build_upsert_study(insert),
+        upsert_series=_build_upsert_series(insert),
+        find_current=_build_find_current(),
+        insert_instance=instance_table.insert().returning(instance_table.c.id),
+        insert_forward_jobs=forward_job_table.insert(),
+    )
+
+
+def _statements(connection: Connection) -> _HotStatements:
+    return _hot_statements(connection.dialect.name)
+
+
+def _upsert_patient(connection: Connection, attrs: InstanceAttributes, now: dt.datetime) -> int:
+    values = {
+        "patient_key": patient_key(attrs),
+        "patient_id": attrs.patient_id,
+        "issuer_of_patient_id": attrs.issuer_of_patient_id,
+        "patient_name": attrs.patient_name,
+        "patient_birth_date": attrs.patient_birth_date,
+        "patient_sex": attrs.patient_sex,
+        "updated_at": now,
+    }
+    return int(connection.execute(_statements(connection).upsert_patient, values).scalar_one())
+
+
+def _upsert_study(
+    connection: Connection, attrs: InstanceAttributes, patient_pk: int, now: dt.datetime
+) -> int:
+    values = {
+        "study_instance_uid": attrs.study_instance_uid,
+        "patient_pk": patient_pk,
+        "accession_number": attrs.accession_number,
+        "study_date": attrs.study_date,
+        "study_time": attrs.study_time,
+        "study_description": attrs.study_description,
+        "study_id": attrs.study_id,
+        "referring_physician_name": attrs.referring_physician_name,
+        "first_received_at": now,
+        "last_received_at": now,
+        "change_seq": 1,
+    }
+    return int(connection.execute(_statements(connection).upsert_study, values).scalar_one())
+
+
+def _upsert_series(
+    connection: Connection, attrs: InstanceAttributes, study_pk: int, now: dt.datetime
+) -> int:
+    values = {
+        "series_instance_uid": attrs.series_instance_uid,
+        "study_pk": study_pk,
+        "modality": attrs.modality,
+        "series_number": attrs.series_number,
+        "series_description": attrs.series_description,
+        "body_part_examined": attrs.body_part_examined,
+        "last_received_at": now,
+    }
+    return int(connection.execute(_statements(connection).upsert_series, values).scalar_one())
 
 
 def find_current(connection: Connection, sop_instance_uid: str) -> Any:
     """The current version of a SOP instance (locked for update on PostgreSQL)."""
-    c = instance_table.c
-    stmt = (
-        select(c.id, c.sha256, c.version, c.transfer_syntax_uid, c.state, c.spool_name)
-        .where(c.sop_instance_uid == sop_instance_uid, c.is_current.is_(True))
-        .with_for_update()
-    )
-    return connection.execute(stmt).first()
+    return connection.execute(
+        _statements(connection).find_current, {"uid": sop_instance_uid}
+    ).first()
 
 
 def record_instance(
@@ -233,40 +283,40 @@ def record_instance(
         _supersede_pending_jobs(connection, current.id, now)
         version = current.version + 1
         outcome = RecordOutcome.NEW_VERSION
+    statements = _statements(connection)
     instance_pk = connection.execute(
-        instance_table.insert()
-        .values(
-            sop_instance_uid=attrs.sop_instance_uid,
-            series_pk=series_pk,
-            sop_class_uid=attrs.sop_class_uid,
-            instance_number=attrs.instance_number,
-            number_of_frames=attrs.number_of_frames,
-            transfer_syntax_uid=record.transfer_syntax_uid,
-            size=record.size,
-            dataset_offset=record.dataset_offset,
-            sha256=record.sha256,
-            version=version,
-            is_current=True,
-            state=SPOOLED,
-            spool_name=record.spool_name,
-            received_by=record.received_by,
-            calling_ae=record.calling_ae,
-            called_ae=record.called_ae,
-            association_id=record.association_id,
-            received_at=now,
-            upload_attempts=0,
-            routed=record.routed,
-            document_title=attrs.document_title,
-            document_mime_type=attrs.document_mime_type,
-            content_date=attrs.content_date,
-            content_time=attrs.content_time,
-            sha1=record.sha1,
-        )
-        .returning(instance_table.c.id)
+        statements.insert_instance,
+        {
+            "sop_instance_uid": attrs.sop_instance_uid,
+            "series_pk": series_pk,
+            "sop_class_uid": attrs.sop_class_uid,
+            "instance_number": attrs.instance_number,
+            "number_of_frames": attrs.number_of_frames,
+            "transfer_syntax_uid": record.transfer_syntax_uid,
+            "size": record.size,
+            "dataset_offset": record.dataset_offset,
+            "sha256": record.sha256,
+            "version": version,
+            "is_current": True,
+            "state": SPOOLED,
+            "spool_name": record.spool_name,
+            "received_by": record.received_by,
+            "calling_ae": record.calling_ae,
+            "called_ae": record.called_ae,
+            "association_id": record.association_id,
+            "received_at": now,
+            "upload_attempts": 0,
+            "routed": record.routed,
+            "document_title": attrs.document_title,
+            "document_mime_type": attrs.document_mime_type,
+            "content_date": attrs.content_date,
+            "content_time": attrs.content_time,
+            "sha1": record.sha1,
+        },
     ).scalar_one()
     if record.destinations:
         connection.execute(
-            forward_job_table.insert(),
+            statements.insert_forward_jobs,
             [
                 {
                     "instance_pk": instance_pk,

@@ -327,6 +327,16 @@ class EventDelivery(Base):
     dead_reason: Mapped[str | None] = mapped_column(Text)
 
 
+class DestinationState(Base):
+    """Operator state of a destination shared by all nodes: paused or not."""
+
+    __tablename__ = "destination_state"
+
+    name: Mapped[str] = mapped_column(primary_key=True)
+    paused: Mapped[bool] = mapped_column(Boolean, default=False)
+    changed_at: Mapped[dt.datetime]
+
+
 class Association(Base):
     """The association log: who connected, what was sent, and how it ended."""
 

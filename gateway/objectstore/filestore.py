@@ -82,7 +82,8 @@ class FileObjectStore:
                     writer.write(chunk)
                 writer.flush()
                 os.fsync(writer.fileno())
-        _fsync_path(staged.parent, directory=True)
+        # The staged name itself need not survive a crash: the rename into place and the
+        # fsync of the target's directory are what make the object durable.
 
     def open(self, key: str) -> BinaryIO:
         try:

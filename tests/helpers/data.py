@@ -142,24 +142,27 @@ MINIMAL_PDF = (
 )
 
 
-def write_encapsulated_pdf(path: Path, *, study_uid: str = UID_PREFIX + "9001",
-                           series_uid: str = UID_PREFIX + "9001.1",
-                           sop_uid: str = UID_PREFIX + "9001.1.1") -> str:
-    """An Encapsulated PDF Storage instance with fixed UIDs (for golden tests)."""
+def _write_encapsulated_document(
+    path: Path, *, sop_class_uid: str, uids: tuple[str, str, str], document: bytes,
+    mime_type: str, title: str, accession_number: str, patient_id: str, description: str,
+    extra: dict[str, str] | None = None,
+) -> str:
+    """An Encapsulated Document instance with fixed UIDs and dates (for golden tests)."""
+    study_uid, series_uid, sop_uid = uids
     ds = Dataset()
     ds.SpecificCharacterSet = "ISO_IR 100"
-    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.104.1"
+    ds.SOPClassUID = sop_class_uid
     ds.SOPInstanceUID = sop_uid
     ds.StudyDate = "20240315"
     ds.StudyTime = "093000"
     ds.ContentDate = "20240315"
     ds.ContentTime = "101500"
-    ds.AccessionNumber = "ACC-PDF-1"
+    ds.AccessionNumber = accession_number
     ds.Modality = "DOC"
     ds.ConversionType = "WSD"
-    ds.StudyDescription = "Radiology report"
+    ds.StudyDescription = description
     ds.PatientName = "Synthetic^Report"
-    ds.PatientID = "PAT-PDF"
+    ds.PatientID = patient_id
     ds.PatientBirthDate = "19650101"
     ds.PatientSex = "M"
     ds.StudyInstanceUID = study_uid
@@ -168,9 +171,11 @@ def write_encapsulated_pdf(path: Path, *, study_uid: str = UID_PREFIX + "9001",
     ds.SeriesNumber = 1
     ds.InstanceNumber = 1
     ds.BurnedInAnnotation = "YES"
-    ds.DocumentTitle = "CT head report"
-    ds.MIMETypeOfEncapsulatedDocument = "application/pdf"
-    ds.EncapsulatedDocument = MINIMAL_PDF + (b"\x00" if len(MINIMAL_PDF) % 2 else b"")
+    ds.DocumentTitle = title
+    ds.MIMETypeOfEncapsulatedDocument = mime_type
+    for keyword, value in (extra or {}).items():
+        setattr(ds, keyword, value)
+    ds.EncapsulatedDocument = document + (b"\x00" if len(document) % 2 else b"")
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = ds.SOPClassUID
     meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
@@ -179,6 +184,45 @@ def write_encapsulated_pdf(path: Path, *, study_uid: str = UID_PREFIX + "9001",
     ds.file_meta = meta
     ds.save_as(path, enforce_file_format=True)
     return sop_uid
+
+
+def write_encapsulated_pdf(path: Path, *, study_uid: str = UID_PREFIX + "9001",
+                           series_uid: str = UID_PREFIX + "9001.1",
+                           sop_uid: str = UID_PREFIX + "9001.1.1") -> str:
+    """An Encapsulated PDF Storage instance with fixed UIDs (for golden tests)."""
+    return _write_encapsulated_document(
+        path, sop_class_uid="1.2.840.10008.5.1.4.1.1.104.1",
+        uids=(study_uid, series_uid, sop_uid), document=MINIMAL_PDF,
+        mime_type="application/pdf", title="CT head report", accession_number="ACC-PDF-1",
+        patient_id="PAT-PDF", description="Radiology report",
+    )
+
+
+# A minimal CDA R2 document (synthetic; no patient data).
+MINIMAL_CDA = (
+    b'<?xml version="1.0" encoding="UTF-8"?>\n'
+    b'<ClinicalDocument xmlns="urn:hl7-org:v3">'
+    b'<typeId root="2.16.840.1.113883.1.3" extension="POCD_HD000040"/>'
+    b'<id root="1.2.826.0.1.3680043.8.498.9002.9"/>'
+    b'<code code="18748-4" codeSystem="2.16.840.1.113883.6.1"/>'
+    b"<title>MR knee report</title>"
+    b'<effectiveTime value="20240315101500"/>'
+    b"</ClinicalDocument>\n"
+)
+
+
+def write_encapsulated_cda(path: Path, *, study_uid: str = UID_PREFIX + "9002",
+                           series_uid: str = UID_PREFIX + "9002.1",
+                           sop_uid: str = UID_PREFIX + "9002.1.1") -> str:
+    """An Encapsulated CDA Storage instance with fixed UIDs (for golden tests)."""
+    return _write_encapsulated_document(
+        path, sop_class_uid="1.2.840.10008.5.1.4.1.1.104.2",
+        uids=(study_uid, series_uid, sop_uid), document=MINIMAL_CDA, mime_type="text/xml",
+        title="MR knee report", accession_number="ACC-CDA-1", patient_id="PAT-CDA",
+        description="Radiology report (CDA)",
+        # Type 1 in the Encapsulated CDA IOD: the CDA document's ClinicalDocument/id.
+        extra={"HL7InstanceIdentifier": "1.2.826.0.1.3680043.8.498.9002.9"},
+    )
 
 
 def consistent_copy(name: str, directory: Path) -> Path:

@@ -123,16 +123,17 @@ def segment(text: str, name: str) -> list[str]:
 
 @dataclass
 class MllpReceiver:
-    """An HL7 receiver answering with the ACK code of ``answer`` (AA, AE, AR)."""
+    """An HL7 receiver answering with the ACK code of ``answer`` (AA, AE, AR), or
+    reading messages and never answering when ``answer`` is None."""
 
     port: int
-    answer: str = "AA"
+    answer: str | None = "AA"
     received: list[str] = field(default_factory=list)
     server: Any = None
 
 
 @contextmanager
-def mllp_receiver(answer: str = "AA") -> Iterator[MllpReceiver]:
+def mllp_receiver(answer: str | None = "AA") -> Iterator[MllpReceiver]:
     receiver = MllpReceiver(free_port(), answer)
 
     class Handler(socketserver.BaseRequestHandler):
@@ -144,6 +145,8 @@ def mllp_receiver(answer: str = "AA") -> Iterator[MllpReceiver]:
                     return
                 text = content.decode("utf-8")
                 receiver.received.append(text)
+                if receiver.answer is None:
+                    continue  # keep the connection open, say nothing
                 control = segment(text, "MSH")[9]
                 msh = f"MSH|^~\\&|RIS|H|GW|H|20240101||ACK|A{control}|P|2.5"
                 ack = f"{msh}\rMSA|{receiver.answer}|{control}"

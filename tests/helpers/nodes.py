@@ -97,9 +97,9 @@ def to_toml(data: dict[str, Any]) -> str:
 
 
 @contextmanager
-def running_node(config: GatewayConfig) -> Iterator[Node]:
+def running_node(config: GatewayConfig, config_path: Path | None = None) -> Iterator[Node]:
     """An in-process node, stopped at the end of the block."""
-    node = Node(config)
+    node = Node(config, config_path)
     node.start()
     try:
         yield node

@@ -1,6 +1,6 @@
-/* LD_PRELOAD shim for test peers that cannot be told where to listen (Orthanc 1.10,
+/* LD_PRELOAD shim for test and benchmark peers that cannot be told where to listen (Orthanc 1.10,
  * DCMTK storescp): a bind() to the wildcard address becomes a bind() to loopback, so
- * every server the tests start listens on 127.0.0.1 / ::1 only. */
+ * every server the tests and `make bench` start listens on 127.0.0.1 / ::1 only. */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <dlfcn.h>
