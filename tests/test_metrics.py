@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import text
 
 from gateway.node import Node
 from tests.helpers import dcmtk, hl7
@@ -13,6 +15,7 @@ from tests.helpers.admin_http import AdminClient, metric
 from tests.helpers.data import make_study
 from tests.helpers.net import free_port, wait_until
 from tests.helpers.nodes import make_config, running_node
+from tests.helpers.peers import status_peer
 from tests.test_admin_api import http_section
 
 pytestmark = pytest.mark.integration
@@ -134,3 +137,54 @@ def test_hl7_messages_are_counted_by_type_and_ack_and_events_by_sink(
     assert metric(samples, f"{P}hl7_messages_total", message_type="ADT^A01", ack="AR") == 1
     assert metric(samples, f"{P}study_events_total") == 1
     assert metric(samples, f"{P}event_backlog", sink="local", state="done") == 1
+
+
+def test_warnings_permanent_failures_and_a_spool_backlog_show_on_metrics(
+    tmp_path: Path, database_url: str
+) -> None:
+    """A destination answering B007 (delivered with a warning), one answering A900 (a
+    permanent failure: dead letter), and an object store that cannot be written: the
+    spool backlog rises, then drains once the store is repaired."""
+    objects = tmp_path / "objects"
+    objects.write_text("a file where the object store's directory should be")
+    with status_peer(tmp_path / "warn", ae_title="WARN", statuses=[0xB007], then=0xB007) as warn, \
+            status_peer(tmp_path / "refuse", ae_title="REFUSE", statuses=[0xA900],
+                        then=0xA900) as refuse:
+        config = make_config(
+            tmp_path / "gw", database_url, http=http_section(tmp_path),
+            storage={"object_store": f"file://{objects}"},
+            destination=[{**_dest("warn", warn.port), "ae_title": "WARN"},
+                         {**_dest("refuse", refuse.port), "ae_title": "REFUSE"}],
+            route=[{"name": "all", "destinations": ["warn", "refuse"]}],
+        )
+        started = dt.datetime.now(dt.UTC)
+        with running_node(config) as node:
+            api = _client(node)
+            assert dcmtk.storescu(node.receiver.port, make_study(tmp_path / "s", 2)).ok
+            wait_until(lambda: metric(api.metrics(), f"{P}dead_letters_total",
+                                      kind="forward", target="refuse") == 2, 30)
+            wait_until(lambda: metric(api.metrics(), f"{P}forward_outcomes_total",
+                                      destination="warn", status_class="warning") == 2, 30)
+            wait_until(lambda: metric(api.metrics(), f"{P}uploads_total",
+                                      outcome="failed") >= 2, 30)
+            held = api.metrics()
+            objects.unlink()
+            node.uploader.wake()
+            wait_until(lambda: metric(api.metrics(), f"{P}spool_backlog") == 0, 60,
+                       message="the spool backlog to drain after the store is repaired")
+            drained = api.metrics()
+            with node.engine.connect() as connection:
+                attempted = connection.execute(
+                    text("SELECT attempted_at FROM forward_attempt")).scalars().all()
+        finished = dt.datetime.now(dt.UTC)
+    assert metric(held, f"{P}spool_backlog") == 2
+    assert metric(held, f"{P}forward_outcomes_total", destination="refuse",
+                  status_class="permanent") == 2
+    assert metric(held, f"{P}forward_queue_depth", destination="refuse", state="dead") == 2
+    assert metric(drained, f"{P}uploads_total", outcome="stored") == 2
+    # Every attempt carries the time it was made.
+    assert len(attempted) == 4
+    for value in attempted:  # a string through SQLite's text() query, a datetime on PG
+        moment = dt.datetime.fromisoformat(value) if isinstance(value, str) else value
+        aware = moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)
+        assert started - dt.timedelta(seconds=1) <= aware <= finished
