@@ -5,14 +5,16 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import urllib3
 from minio import Minio
 
-from tests.helpers.net import LOOPBACK, free_port, wait_for_port, wait_until
+from tests.helpers.net import LOOPBACK, free_port, wait_until
 
 ACCESS_KEY = "gateway-test"
 SECRET_KEY = "gateway-test-secret"
@@ -41,6 +43,18 @@ class SeaweedS3:
         return Minio(self.endpoint, access_key=ACCESS_KEY, secret_key=SECRET_KEY, secure=False)
 
     def start(self) -> None:
+        """Start the cluster. A port picked as free can be taken by someone else before
+        weed binds it (weed then exits): fresh ports are tried, up to three times, unless
+        the ports are fixed by an earlier start (a restart must keep its endpoint)."""
+        attempts = 1 if self.ports else 3
+        for attempt in range(attempts):
+            if self._start_once():
+                return
+            if attempt + 1 < attempts:
+                self.ports = {}
+        raise AssertionError(f"SeaweedFS did not start; see {self.directory.parent / 'weed.log'}")
+
+    def _start_once(self) -> bool:
         if not self.ports:
             names = ["s3", "s3.grpc", "master", "master.grpc", "volume", "volume.grpc",
                      "filer", "filer.grpc", "admin", "admin.grpc", "iceberg", "lance",
@@ -62,17 +76,31 @@ class SeaweedS3:
         log = (self.directory.parent / "weed.log").open("ab")
         self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
         log.close()
-        wait_for_port(p["s3"], timeout=60)
-        client = self.client()
+        process = self.process
+        # A short-fused client: a port taken by someone else may accept and never answer.
+        client = Minio(self.endpoint, access_key=ACCESS_KEY, secret_key=SECRET_KEY,
+                       secure=False, http_client=urllib3.PoolManager(
+                           timeout=urllib3.Timeout(connect=2, read=5),
+                           retries=urllib3.Retry(total=0)))
 
         def answers() -> bool:
+            if process.poll() is not None:
+                return True  # exited: stop waiting
             try:
                 client.list_buckets()
             except Exception:
                 return False
             return True
 
-        wait_until(answers, 60, interval=0.2, message="SeaweedFS S3 to answer")
+        wait_until(answers, 90, interval=0.2, message="SeaweedFS S3 to answer")
+        if process.poll() is None:
+            # Services started after S3 (Iceberg, ...) can still fail to bind and take
+            # the whole process down: give them a moment.
+            time.sleep(1.0)
+        if process.poll() is not None:
+            self.process = None
+            return False
+        return True
 
     def stop(self) -> None:
         if self.process is None:
