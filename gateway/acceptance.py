@@ -9,6 +9,7 @@ import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from gateway.addresses import Network, in_networks, is_loopback
 from gateway.config import CallingAEConfig
 
 # A-ASSOCIATE-RJ fields (PS3.8 Table 9-21)
@@ -39,9 +40,6 @@ class Rejection:
     reason: str
 
 
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
 @dataclass(frozen=True)
 class AcceptancePolicy:
     """The node's AE title and the calling AE titles (and hosts) it accepts."""
@@ -65,26 +63,6 @@ class AcceptancePolicy:
         return cls(ae_title, accept_unknown, table)
 
 
-def _address_in(address: str, networks: tuple[Network, ...]) -> bool:
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return any(ip in network for network in networks)
-
-
-def _is_loopback(address: str) -> bool:
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return ip.is_loopback
-
-
 def decide(request: AssociationRequest, policy: AcceptancePolicy) -> Rejection | None:
     """``None`` to accept the association, otherwise the rejection to send."""
     called = request.called_ae.strip()
@@ -96,7 +74,7 @@ def decide(request: AssociationRequest, policy: AcceptancePolicy) -> Rejection |
             DIAG_CALLED_AE_NOT_RECOGNIZED,
             f"called AE title {called!r} is not this node's ({policy.ae_title!r})",
         )
-    if calling == policy.ae_title and _is_loopback(request.peer_address):
+    if calling == policy.ae_title and is_loopback(request.peer_address):
         return None  # this host's own tools: ``dicom-gateway import``
     if calling not in policy.calling_aes:
         if policy.accept_unknown_calling_ae:
@@ -108,7 +86,7 @@ def decide(request: AssociationRequest, policy: AcceptancePolicy) -> Rejection |
             f"calling AE title {calling!r} is not configured",
         )
     networks = policy.calling_aes[calling]
-    if networks is not None and not _address_in(request.peer_address, networks):
+    if networks is not None and not in_networks(request.peer_address, networks):
         return Rejection(
             RESULT_PERMANENT,
             SOURCE_SERVICE_USER,

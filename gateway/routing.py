@@ -17,6 +17,7 @@ from typing import Any
 
 from pydicom.datadict import tag_for_keyword
 
+from gateway.addresses import Network, in_networks
 from gateway.config import ASSOCIATION_MATCH_KEYS, MatchValue, MorphConfig, RouteConfig
 from gateway.dicom.header import Header
 
@@ -30,29 +31,17 @@ class Condition:
     key: str
     texts: tuple[str, ...] = ()
     regex: re.Pattern[str] | None = None
-    networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    networks: tuple[Network, ...] = ()
 
     def holds(self, values: Values) -> bool:
         """True when any of the attribute's values matches (``""`` matches absent/empty)."""
         if self.networks:
-            return any(_in_networks(value, self.networks) for value in values)
+            return any(in_networks(value, self.networks) for value in values)
         if self.regex is not None:
             return any(self.regex.search(value) for value in values)
         if not values:
             return "" in self.texts
         return any(fnmatch.fnmatchcase(value, text) for value in values for text in self.texts)
-
-
-def _in_networks(
-    address: str, networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
-) -> bool:
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return any(ip in network for network in networks)
 
 
 def compile_condition(key: str, value: MatchValue) -> Condition:
