@@ -13,7 +13,7 @@ from sqlalchemy import Engine, create_engine, text
 
 from tests.helpers.data import dataset_bytes, make_study
 from tests.helpers.net import wait_until
-from tests.helpers.nodes import node_process, wait_uploaded
+from tests.helpers.nodes import NodeProcess, node_process, wait_uploaded
 from tests.helpers.peers import status_peer
 from tests.helpers.scu import send_files
 
@@ -21,6 +21,31 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 INSTANCES = 300
 KILL_AFTER = 100
+
+
+def _send_and_kill9(node: NodeProcess, files: list[Path], kill_after: int) -> list[str]:
+    """Send *files* on one association and kill -9 the node once *kill_after* of them
+    are acknowledged, while the sender keeps going (the kill lands mid-PDU, mid-fsync or
+    mid-commit); the SOP Instance UIDs that got Success."""
+    acknowledged: list[str] = []
+    lock = threading.Lock()
+
+    def record(_index: int, uid: str, status: int) -> None:
+        if status == 0:
+            with lock:
+                acknowledged.append(uid)
+
+    def killer() -> None:
+        wait_until(lambda: len(acknowledged) >= kill_after, 60, interval=0.001)
+        node.kill9()
+
+    thread = threading.Thread(target=killer)
+    thread.start()
+    report = send_files(node.port, files, on_response=record)
+    thread.join()
+    assert report.error is not None, "the association must have been cut by the kill"
+    assert kill_after <= len(acknowledged) < len(files)
+    return acknowledged
 
 
 @pytest.mark.parametrize("store_up_before_kill", [True, False], ids=["store-up", "store-down"])
@@ -39,24 +64,7 @@ def test_kill_9_mid_association_then_restart_keeps_every_acknowledged_instance(
         objects.write_text("blocks the object store until the restart")
 
     with node_process(root, database_url) as node:
-        acknowledged: list[str] = []
-        lock = threading.Lock()
-
-        def record(_index: int, uid: str, status: int) -> None:
-            if status == 0:
-                with lock:
-                    acknowledged.append(uid)
-
-        def killer() -> None:
-            wait_until(lambda: len(acknowledged) >= KILL_AFTER, 60, interval=0.001)
-            node.kill9()  # while the SCU keeps sending: lands mid-PDU, mid-fsync or mid-commit
-
-        thread = threading.Thread(target=killer)
-        thread.start()
-        report = send_files(node.port, files, on_response=record)
-        thread.join()
-        assert report.error is not None, "the association must have been cut by the kill"
-        assert KILL_AFTER <= len(acknowledged) < INSTANCES
+        acknowledged = _send_and_kill9(node, files, KILL_AFTER)
 
         if objects.is_file():
             objects.unlink()
@@ -116,24 +124,7 @@ def test_kill_9_mid_association_leaves_every_acknowledged_instance_with_its_forw
             "route": [{"name": "all", "destinations": ["pacs", "vna"]}],
         }
         with node_process(tmp_path / "node", database_url, **sections) as node:
-            acknowledged: list[str] = []
-            lock = threading.Lock()
-
-            def record(_index: int, uid: str, status: int) -> None:
-                if status == 0:
-                    with lock:
-                        acknowledged.append(uid)
-
-            def killer() -> None:
-                wait_until(lambda: len(acknowledged) >= ROUTED_KILL_AFTER, 60, interval=0.001)
-                node.kill9()
-
-            thread = threading.Thread(target=killer)
-            thread.start()
-            report = send_files(node.port, files, on_response=record)
-            thread.join()
-            assert report.error is not None, "the association must have been cut by the kill"
-            assert ROUTED_KILL_AFTER <= len(acknowledged) < ROUTED_INSTANCES
+            acknowledged = _send_and_kill9(node, files, ROUTED_KILL_AFTER)
 
             engine = create_engine(database_url)
             try:
