@@ -81,6 +81,10 @@ class NodeConfig(_Model):
     """Seconds an association may stay idle before it is aborted."""
     stop_timeout: float = Field(default=30.0, gt=0)
     """On SIGTERM, seconds to let in-flight associations finish before aborting them."""
+    worker_process: bool = True
+    """Run uploads, forwarding and study events in a second process, so they use another
+    CPU core instead of slowing receiving down; ``false`` runs them as threads of the
+    listener's process. Changing it takes a restart."""
 
 
 class S3Config(_Model):

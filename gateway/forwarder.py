@@ -13,13 +13,14 @@ import datetime as dt
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 from pynetdicom import _config
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
+from gateway import dimse_reactor
 from gateway.backoff import retry_delay
 from gateway.config import DestinationConfig, MorphConfig
 from gateway.index import admin, queue
@@ -466,6 +467,9 @@ class Forwarder:
 
     def start(self) -> None:
         _config.STORE_SEND_CHUNKED_DATASET = True  # stream files as stored
+        # pynetdicom's standard handlers format every PDU (and identifiers) for its log.
+        _config.LOG_HANDLER_LEVEL = "none"
+        dimse_reactor.install()  # no Nagle stalls or polling delays per instance sent
         now = self.settings.clock()
         with self.settings.engine.begin() as connection:
             released = queue.release_node_leases(connection, self.settings.node_name, now)
@@ -524,7 +528,7 @@ class Forwarder:
                          destination=name)
                 state.wake.set()
 
-    def wake(self, destinations: Mapping[str, str] | None = None) -> None:
+    def wake(self, destinations: Collection[str] | None = None) -> None:
         """New work: wake the named destinations' workers (all when None)."""
         for name, state in self.states.items():
             if destinations is None or name in destinations:

@@ -54,11 +54,14 @@ class RedactPHI:
 
 
 def configure_logging(
-    config: LoggingConfig, stream: TextIO | None = None, *, cache: bool = True
+    config: LoggingConfig, stream: TextIO | None = None, *, cache: bool = True,
+    process: str | None = None,
 ) -> None:
     """Configure structlog and the stdlib root logger. Call once at start-up.
 
     *cache* binds loggers on first use (faster); tests that reconfigure turn it off.
+    *process* names the node's process in every line (``worker``); lines without it
+    come from the listener.
     """
     stream = stream or sys.stdout
     level = _LEVELS[config.level]
@@ -71,6 +74,8 @@ def configure_logging(
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         RedactPHI(enabled=not config.log_phi),
     ]
+    if process is not None:
+        shared.insert(0, _AddProcess(process))
     renderer: Any
     if as_json:
         renderer = structlog.processors.JSONRenderer()
@@ -105,6 +110,15 @@ def configure_logging(
     logging.getLogger("pydicom").setLevel(logging.ERROR)
     logging.getLogger("urllib3").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(max(level, logging.WARNING))
+
+
+class _AddProcess:
+    def __init__(self, process: str) -> None:
+        self.process = process
+
+    def __call__(self, _logger: Any, _method: str, event_dict: Any) -> Any:
+        event_dict.setdefault("process", self.process)
+        return event_dict
 
 
 def failure_fields(exc: BaseException) -> dict[str, str]:

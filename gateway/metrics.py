@@ -3,16 +3,25 @@
 Counters and histograms are updated where things happen; backlog gauges (spool, queues,
 event deliveries, unrouted, dead letters) are read from the index when Prometheus
 scrapes, so every node reports the shared queues as they are. Each node has its own
-registry (several nodes can run in one process, as in the tests).
+registry (several nodes can run in one process, as in the tests). A node whose
+background work runs in a worker process merges that process's counters into its own
+output at scrape time (:meth:`Metrics.exposition`).
 """
 
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    Metric,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import Engine, func, select
@@ -29,6 +38,8 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        # The worker process's metric families (see families_as_data), when there is one.
+        self.remote_families: Callable[[], list[dict[str, Any]]] | None = None
         r = self.registry
         self.associations = Counter(
             f"{PREFIX}_associations", "Inbound associations by calling AE title and outcome",
@@ -65,9 +76,52 @@ class Metrics:
             f"{PREFIX}_order_demographics_mismatches",
             "Studies whose patient demographics differ from their order", registry=r)
 
+    def exposition(self) -> bytes:
+        """The Prometheus text output: this process's metrics plus the worker's."""
+        if self.remote_families is None:
+            return generate_latest(self.registry)
+        merged = CollectorRegistry(auto_describe=False)
+        merged.register(_Merged(
+            [*families_as_data(self.registry), *self.remote_families()]
+        ))
+        return generate_latest(merged)
+
     def watch_index(self, engine: Engine) -> None:
         """Report the index's backlogs at scrape time."""
         self.registry.register(_IndexCollector(engine))
+
+
+def families_as_data(registry: CollectorRegistry) -> list[dict[str, Any]]:
+    """*registry*'s current metric families as plain data (to send between processes)."""
+    return [
+        {"name": family.name, "documentation": family.documentation, "type": family.type,
+         "unit": family.unit,
+         "samples": [[sample.name, sample.labels, sample.value] for sample in family.samples]}
+        for family in registry.collect()
+    ]
+
+
+class _Merged(Collector):
+    """Families from several processes: samples with the same name and labels are
+    summed (every family the worker reports is a counter or a histogram)."""
+
+    def __init__(self, families: Iterable[dict[str, Any]]) -> None:
+        self.families: dict[str, tuple[dict[str, Any], dict[Any, list[Any]]]] = {}
+        for family in families:
+            _head, samples = self.families.setdefault(family["name"], (family, {}))
+            for name, labels, value in family["samples"]:
+                key = (name, tuple(sorted(labels.items())))
+                if key in samples:
+                    samples[key][2] += value
+                else:
+                    samples[key] = [name, labels, value]
+
+    def collect(self) -> Iterator[Metric]:
+        for name, (head, samples) in self.families.items():
+            metric = Metric(name, head["documentation"], head["type"], head["unit"])
+            for sample_name, labels, value in samples.values():
+                metric.add_sample(sample_name, labels, value)
+            yield metric
 
 
 class _IndexCollector(Collector):

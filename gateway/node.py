@@ -1,7 +1,8 @@
-"""The running node: wires configuration, index, spool, object store, uploader and listener.
+"""The running node: wires configuration, index, spool, object store, listener and the
+background work (uploads, forwarding, events; in a worker process by default).
 
-Start-up recovery runs before the listener opens, so every instance acknowledged by a
-previous run is accounted for before new ones arrive.
+Start-up recovery runs before the background work starts and the listener opens, so
+every instance acknowledged by a previous run is accounted for before new ones arrive.
 """
 
 from __future__ import annotations
@@ -15,26 +16,17 @@ from collections.abc import Mapping
 from pathlib import Path
 from types import FrameType
 from typing import Any
-from zoneinfo import ZoneInfo
 
 from sqlalchemy import Engine, text
 from sqlalchemy.exc import SQLAlchemyError
 
 from gateway import systemd
 from gateway.acceptance import AcceptancePolicy
-from gateway.config import (
-    ConfigError,
-    EventSinkConfig,
-    GatewayConfig,
-    Hl7DestinationConfig,
-    load_config,
-)
-from gateway.events.builder import EventTargets
-from gateway.events.dispatcher import EventDispatcher, SinkWorker
-from gateway.events.fhir import FhirOptions
-from gateway.events.sinks import MllpSink, open_sink
+from gateway.background import Background, BackgroundWork
+from gateway.config import ConfigError, GatewayConfig, load_config
+from gateway.events.dispatcher import EventDispatcher
 from gateway.events.watcher import StudyWatcher
-from gateway.forwarder import Forwarder, ForwardSettings
+from gateway.forwarder import Forwarder
 from gateway.hl7.listener import Hl7Listener, Hl7Processor
 from gateway.http.api import build_router
 from gateway.http.server import AdminServer
@@ -49,6 +41,7 @@ from gateway.reload import ReloadOutcome, plan_reload
 from gateway.routing import compile_rules, header_tags, make_router
 from gateway.spool import Spool, SpoolError, SpoolInUseError
 from gateway.uploader import Uploader
+from gateway.worker_process import WorkerProcess, WorkerStartError
 
 log = get_logger(__name__)
 
@@ -61,10 +54,6 @@ INCOMING_SWEEP_SECONDS = 300.0
 INCOMING_STALE_SECONDS = 3600.0
 # /readyz probes the object store at most this often.
 STORE_CHECK_SECONDS = 5.0
-
-
-def _local_zone() -> dt.tzinfo:
-    return dt.datetime.now().astimezone().tzinfo or dt.UTC
 
 
 class StartupError(Exception):
@@ -93,28 +82,14 @@ class Node:
         )
         self.store: ObjectStore = open_object_store(config.storage)
         self.metrics.watch_index(self.engine)
-        self.uploader = Uploader(
-            self.engine,
-            self.spool,
-            self.store,
-            self.name,
-            workers=config.storage.upload_workers,
-            retry=config.storage.upload_retry,
-            metrics=self.metrics,
-        )
+        self.work: BackgroundWork
+        if config.node.worker_process:
+            self.work = WorkerProcess(config, node_name=self.name,
+                                      spool_lock_fd=self.spool.lock_fd, metrics=self.metrics)
+        else:
+            self.work = Background(config, engine=self.engine, spool=self.spool,
+                                   store=self.store, node_name=self.name, metrics=self.metrics)
         rules = compile_rules(config.route)
-        self.forwarder = Forwarder(
-            list(config.destination),
-            ForwardSettings(
-                engine=self.engine,
-                spool=self.spool,
-                store=self.store,
-                node_name=self.name,
-                calling_ae_title=config.node.ae_title,
-                metrics=self.metrics,
-            ),
-        )
-        self.dispatcher, self.watcher = self._events(config)
         self.hl7_listener: Hl7Listener | None = None
         if config.hl7.listen_port is not None:
             self.hl7_listener = Hl7Listener(
@@ -144,63 +119,32 @@ class Node:
         self._stopped = False
         self._maintenance = threading.Thread(target=self._maintain, name="maintenance", daemon=True)
 
-    def _events(self, config: GatewayConfig) -> tuple[EventDispatcher, StudyWatcher]:
-        workers = self._sink_workers(config, set(self._sink_configs(config)))
-        dispatcher = EventDispatcher(workers, self.engine, self.name)
-        watcher = StudyWatcher(
-            self.engine, self._event_targets(config),
-            stable_seconds=config.events.stable_seconds,
-            check_seconds=config.events.check_seconds, on_events=dispatcher.wake,
-            metrics=self.metrics,
-        )
-        return dispatcher, watcher
+    def _in_process(self) -> Background:
+        if not isinstance(self.work, Background):
+            raise AttributeError("the background work runs in the worker process")  # noqa: TRY004 - absent attribute
+        return self.work
 
-    @staticmethod
-    def _sink_configs(
-        config: GatewayConfig,
-    ) -> dict[str, EventSinkConfig | Hl7DestinationConfig]:
-        entries: list[EventSinkConfig | Hl7DestinationConfig] = [
-            *config.event_sink, *config.hl7_destination
-        ]
-        return {entry.name: entry for entry in entries}
+    # In-process background components, for tests and tools that drive them directly.
+    @property
+    def uploader(self) -> Uploader:
+        return self._in_process().uploader
 
-    def _sink_workers(self, config: GatewayConfig, names: set[str]) -> list[SinkWorker]:
-        """Workers for the event sinks and HL7 destinations named in *names*."""
-        return [
-            SinkWorker(open_sink(sink), sink.retry, self.engine, self.name,
-                       metrics=self.metrics)
-            for sink in config.event_sink if sink.name in names
-        ] + [
-            SinkWorker(MllpSink(target, config.hl7.max_message_bytes), target.retry,
-                       self.engine, self.name, metrics=self.metrics)
-            for target in config.hl7_destination if target.name in names
-        ]
+    @property
+    def forwarder(self) -> Forwarder:
+        return self._in_process().forwarder
 
-    @staticmethod
-    def _event_targets(config: GatewayConfig) -> EventTargets:
-        events = config.events
-        zone = ZoneInfo(events.timezone) if events.timezone else _local_zone()
-        store_url = config.storage.object_store
-        if store_url.startswith("file://"):
-            store_url = "file://" + str(Path(store_url.removeprefix("file://")).resolve())
-        return EventTargets(
-            fhir_sinks=config.event_sink,
-            hl7_destinations=config.hl7_destination,
-            hl7=config.hl7,
-            fhir=FhirOptions(
-                version=events.fhir_version,
-                endpoint_url=events.endpoint_url,
-                attachment_base_url=events.retrieval_url or store_url,
-                patient_identifier_system=events.patient_identifier_system,
-                accession_identifier_system=events.accession_identifier_system,
-                timezone=zone,
-            ),
-        )
+    @property
+    def dispatcher(self) -> EventDispatcher:
+        return self._in_process().dispatcher
+
+    @property
+    def watcher(self) -> StudyWatcher:
+        return self._in_process().watcher
 
     def _on_stored(self, destinations: Mapping[str, str]) -> None:
-        self.uploader.wake()
+        self.work.wake_upload()
         if destinations:
-            self.forwarder.wake(destinations)
+            self.work.wake_forward(destinations)
 
     def start(self) -> None:
         """Migrate, recover, then start uploading, forwarding and listening."""
@@ -213,10 +157,10 @@ class Node:
         except ObjectStoreError as exc:
             log.warning("object_store_unavailable_at_start", error=str(exc))
         self.recover()
-        self.uploader.start()
-        self.forwarder.start()
-        self.dispatcher.start()
-        self.watcher.start()
+        try:
+            self.work.start()
+        except WorkerStartError as exc:
+            raise StartupError(str(exc)) from exc
         listeners: list[tuple[str, Any]] = [
             (f"{self.config.node.host}:{self.config.node.port}", self.receiver.start)
         ]
@@ -233,7 +177,7 @@ class Node:
                 if self.hl7_listener is not None:
                     self.hl7_listener.stop()
                 self.receiver.stop(0)
-                self._stop_workers()
+                self.work.stop()
                 raise StartupError(f"cannot listen on {address}: {exc.strerror}") from exc
         self._maintenance.start()
         systemd.notify("READY=1")
@@ -244,7 +188,6 @@ class Node:
         last_sweep = time.monotonic()
         while not self._stop_requested.wait(MAINTENANCE_SECONDS):
             try:
-                self.forwarder.refresh_paused()
                 reaped = self.receiver.reap()
                 if reaped:
                     log.warning("associations_reaped", count=reaped)
@@ -301,16 +244,10 @@ class Node:
         if self.admin_server is not None:
             self.admin_server.stop()
         self.receiver.stop(self.config.node.stop_timeout)
-        self._stop_workers()
+        self.work.stop()
         self.engine.dispose()
         self.spool.close()
         log.info("node_stopped")
-
-    def _stop_workers(self) -> None:
-        self.watcher.stop()
-        self.dispatcher.stop()
-        self.forwarder.stop()
-        self.uploader.stop()
 
     def request_stop(self, signum: int | None = None, _frame: FrameType | None = None) -> None:
         if signum is not None:
@@ -351,7 +288,7 @@ class Node:
         """Pause or resume forwarding to *destination* (shared by all nodes)."""
         with self.engine.begin() as connection:
             admin.set_paused(connection, destination, paused, dt.datetime.now(dt.UTC))
-        self.forwarder.refresh_paused()
+        self.work.refresh_paused()
 
     def readiness(self) -> list[str]:
         """Why the node cannot take work now; empty when it can."""
@@ -375,6 +312,7 @@ class Node:
             self._store_problem = (time.monotonic(), problem)
         if problem:
             problems.append(problem)
+        problems.extend(self.work.problems())
         return problems
 
     def reload(self) -> ReloadOutcome:
@@ -403,28 +341,18 @@ class Node:
             return ReloadOutcome(True, restart_required=list(plan.restart_required))
 
     def _apply(self, config: GatewayConfig) -> None:
-        old = self.config
         # Build everything first: a failure leaves the running configuration untouched.
         rules = compile_rules(config.route)
         router = make_router(rules)
         policy = AcceptancePolicy.build(
             config.node.ae_title, config.node.accept_unknown_calling_ae, config.calling_ae
         )
-        targets = self._event_targets(config)
-        old_sinks, new_sinks = self._sink_configs(old), self._sink_configs(config)
-        leaving = {name for name, entry in old_sinks.items() if new_sinks.get(name) != entry}
-        starting = {name for name, entry in new_sinks.items() if old_sinks.get(name) != entry}
-        sink_workers = self._sink_workers(config, starting)
         # Destinations first, so a route to a new destination finds its worker.
-        self.forwarder.reconfigure(list(config.destination))
+        self.work.reconfigure(config)
         self.ingestor.set_routing(router, header_tags(rules))
         self.receiver.policy = policy
-        self.dispatcher.reconfigure(leaving, sink_workers)
-        self.watcher.reconfigure(targets, config.events.stable_seconds,
-                                 config.events.check_seconds)
         if self.hl7_listener is not None:
             self.hl7_listener.processor.config = config.hl7
         self.config = config
         log.info("config_applied", destinations=len(config.destination),
-                 routes=len(config.route), calling_ae_titles=len(config.calling_ae),
-                 sinks_changed=sorted(leaving | starting))
+                 routes=len(config.route), calling_ae_titles=len(config.calling_ae))

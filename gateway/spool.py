@@ -71,6 +71,11 @@ class Spool:
             raise SpoolInUseError(message) from None
         self._lock_fd = fd
 
+    @property
+    def lock_fd(self) -> int | None:
+        """The descriptor holding the spool lock (passed on to the node's worker process)."""
+        return self._lock_fd
+
     def close(self) -> None:
         with contextlib.suppress(OSError):
             os.close(self._ready_fd)

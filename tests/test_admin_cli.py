@@ -31,6 +31,7 @@ def node_with_config_file(
     routes: list[dict[str, Any]],
 ) -> Iterator[tuple[Node, Path]]:
     data = config_data(tmp_path / "gw", database_url, destination=destinations, route=routes)
+    data["node"]["worker_process"] = False  # the tests wake the forwarder directly
     path = tmp_path / "gateway.toml"
     path.write_text(to_toml(data))
     with running_node(GatewayConfig.model_validate(data)) as node:

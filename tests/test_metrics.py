@@ -188,3 +188,52 @@ def test_warnings_permanent_failures_and_a_spool_backlog_show_on_metrics(
         moment = dt.datetime.fromisoformat(value) if isinstance(value, str) else value
         aware = moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)
         assert started - dt.timedelta(seconds=1) <= aware <= finished
+
+
+def test_the_worker_processes_counters_are_merged_into_the_listeners_output() -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from gateway.metrics import Metrics, families_as_data
+
+    listener, worker = Metrics(), Metrics()
+    listener.instances.labels("CT01", "stored").inc(3)
+    listener.uploads.labels("stored").inc(1)  # e.g. left from before a restart
+    worker.uploads.labels("stored").inc(4)
+    worker.uploads.labels("failed").inc(2)
+    worker.forwards.labels("pacs", "success").inc(5)
+    worker.store_seconds.observe(0.003)
+    listener.store_seconds.observe(0.02)
+    listener.remote_families = lambda: families_as_data(worker.registry)
+
+    families = list(text_string_to_metric_families(listener.exposition().decode()))
+    names = [family.name for family in families]
+    assert len(names) == len(set(names))
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in families for s in family.samples}
+    cases = [
+        ("dicom_gateway_instances_received_total",
+         {"calling_ae": "CT01", "outcome": "stored"}, 3),     # listener only
+        ("dicom_gateway_uploads_total", {"outcome": "stored"}, 5),  # summed
+        ("dicom_gateway_uploads_total", {"outcome": "failed"}, 2),  # worker only
+        ("dicom_gateway_forward_outcomes_total",
+         {"destination": "pacs", "status_class": "success"}, 5),
+        ("dicom_gateway_bytes_received_total", {}, 0),
+        ("dicom_gateway_store_seconds_count", {}, 2),
+        ("dicom_gateway_store_seconds_bucket", {"le": "0.005"}, 1),
+        ("dicom_gateway_store_seconds_bucket", {"le": "0.025"}, 2),
+    ]
+    for name, labels, expected in cases:
+        assert samples[(name, tuple(sorted(labels.items())))] == expected, (name, labels)
+    types = {family.name: family.type for family in families}
+    assert types["dicom_gateway_uploads"] == "counter"
+    assert types["dicom_gateway_store_seconds"] == "histogram"
+
+
+def test_without_a_worker_process_the_output_is_the_registrys() -> None:
+    from prometheus_client import generate_latest
+
+    from gateway.metrics import Metrics
+
+    metrics = Metrics()
+    metrics.uploads.labels("stored").inc()
+    assert metrics.exposition() == generate_latest(metrics.registry)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import Any
 
 import pytest
 from alembic.autogenerate import compare_metadata
@@ -42,6 +43,14 @@ def test_sqlite_runs_in_wal_mode_with_full_sync(tmp_path) -> None:  # type: igno
     assert sync == 2  # FULL: a commit is on disk when it returns
 
 
+def _assert_writer_times_out(engine: Any) -> None:
+    """A write through *engine* (timeout 0.3 s) gives up on the held lock in time."""
+    started = time.monotonic()
+    with pytest.raises(OperationalError, match="database is locked"), engine.begin() as other:
+        other.exec_driver_sql("INSERT INTO t VALUES (2)")
+    assert 0.25 <= time.monotonic() - started < 3
+
+
 def test_sqlite_transactions_queue_in_the_process_and_free_the_lock(tmp_path) -> None:  # type: ignore[no-untyped-def]
     # Writers wait on an in-process lock (woken as soon as it is free) rather than on
     # SQLite's busy handler, which sleeps in steps of a millisecond and more.
@@ -51,10 +60,7 @@ def test_sqlite_transactions_queue_in_the_process_and_free_the_lock(tmp_path) ->
     first = engine.connect()
     first.begin()
     first.exec_driver_sql("INSERT INTO t VALUES (1)")
-    started = time.monotonic()
-    with pytest.raises(OperationalError, match="database is locked"), engine.begin() as second:
-        second.exec_driver_sql("INSERT INTO t VALUES (2)")
-    assert 0.25 <= time.monotonic() - started < 3
+    _assert_writer_times_out(engine)
     first.commit()  # releases the lock ...
     first.begin()
     first.exec_driver_sql("INSERT INTO t VALUES (3)")
@@ -87,3 +93,57 @@ def test_sqlite_waiting_writer_proceeds_when_the_holder_commits(tmp_path) -> Non
     holder.close()
     assert done.wait(2)
     writer.join()
+
+
+def test_sqlite_writers_of_two_processes_queue_on_the_file_lock(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # The listener and its worker process each have an engine on the same file; two
+    # engines in one process hold the file lock through separate descriptors, exactly
+    # like two processes do.
+    url = f"sqlite:///{tmp_path}/q.db"
+    listener, worker = make_engine(url, timeout=0.3), make_engine(url, timeout=5)
+    with listener.begin() as connection:
+        connection.exec_driver_sql("CREATE TABLE t (v INTEGER)")
+    assert (tmp_path / "q.db.write-lock").exists()
+    holder = worker.connect()
+    holder.begin()
+    holder.exec_driver_sql("INSERT INTO t VALUES (1)")
+    _assert_writer_times_out(listener)
+    holder.commit()
+    holder.close()
+
+    errors: list[BaseException] = []
+
+    def write(engine: Any, base: int) -> None:
+        try:
+            for value in range(base, base + 200):
+                with engine.begin() as connection:
+                    connection.exec_driver_sql(f"INSERT INTO t VALUES ({value})")
+        except BaseException as exc:
+            errors.append(exc)
+
+    relaxed = make_engine(url, timeout=5)
+    threads = [threading.Thread(target=write, args=(engine, base))
+               for engine, base in ((worker, 1000), (relaxed, 2000), (worker, 3000))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert errors == []
+    with listener.connect() as reader:
+        assert reader.exec_driver_sql("SELECT count(*) FROM t").scalar_one() == 601
+    for engine in (listener, worker, relaxed):
+        engine.dispose()
+
+
+def test_sqlite_without_a_usable_lock_file_still_writes(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from structlog.testing import capture_logs
+
+    (tmp_path / "q.db.write-lock").mkdir()  # cannot be opened as a file
+    engine = make_engine(f"sqlite:///{tmp_path}/q.db", timeout=1)
+    with capture_logs() as logs:
+        with engine.begin() as connection:
+            connection.exec_driver_sql("CREATE TABLE t (v INTEGER)")
+        with engine.begin() as connection:
+            connection.exec_driver_sql("INSERT INTO t VALUES (1)")
+    engine.dispose()
+    assert [entry["event"] for entry in logs] == ["database_write_lock_unavailable"]

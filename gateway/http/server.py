@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from gateway.config import HttpConfig
 from gateway.logs import failure_fields, get_logger
@@ -122,7 +122,7 @@ class AdminServer:
                         lambda request: RawResponse(b"", "image/x-icon", 204), protected=False)
 
     def _metrics(self, request: Request) -> Any:
-        return RawResponse(generate_latest(self.metrics.registry), CONTENT_TYPE_LATEST)
+        return RawResponse(self.metrics.exposition(), CONTENT_TYPE_LATEST)
 
     @staticmethod
     def _static(name: str) -> Handler:

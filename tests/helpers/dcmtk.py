@@ -17,6 +17,7 @@ from pathlib import Path
 
 from tests.helpers.loopback import loopback_preload
 from tests.helpers.net import LOOPBACK, free_port, wait_for_port
+from tests.helpers.procs import child_pids
 
 DCMTK_BIN = Path("/usr/bin")
 STORESCU = DCMTK_BIN / "storescu"
@@ -102,7 +103,23 @@ class StoreSCP:
     process: subprocess.Popen[bytes]
 
     def files(self) -> list[Path]:
-        return sorted(p for p in self.directory.rglob("*") if p.is_file())
+        """The files storescp has finished writing (it writes in place, so a file it
+        still holds open is incomplete)."""
+        writing = _open_files(self.process.pid)
+        return sorted(p for p in self.directory.rglob("*")
+                      if p.is_file() and str(p.resolve()) not in writing)
+
+
+def _open_files(pid: int) -> set[str]:
+    """Paths held open by *pid* and its children (storescp ``--fork``)."""
+    paths = set()
+    for each in [pid, *child_pids(pid)]:
+        for fd in Path(f"/proc/{each}/fd").glob("*"):
+            try:
+                paths.add(str(fd.readlink()))
+            except OSError:
+                continue
+    return paths
 
 
 @contextmanager

@@ -19,6 +19,7 @@ from sqlalchemy import Engine, create_engine, text
 from gateway.config import GatewayConfig
 from gateway.node import Node
 from tests.helpers.net import free_port, wait_for_port, wait_until
+from tests.helpers.procs import child_pids
 
 TEST_CALLING_AES = ("STORESCU", "MODALITY", "CT01", "ECHOSCU")
 
@@ -53,7 +54,12 @@ def config_data(
 
 
 def make_config(root: Path, database_url: str, **sections: dict[str, Any]) -> GatewayConfig:
-    return GatewayConfig.model_validate(config_data(root, database_url, **sections))
+    """A configuration for an in-process node: its background work runs as threads, so
+    tests can drive the uploader, forwarder and watcher directly (``node_process`` runs
+    the production default, a worker process)."""
+    data = config_data(root, database_url, **sections)
+    data["node"].setdefault("worker_process", False)
+    return GatewayConfig.model_validate(data)
 
 
 def _toml_value(value: Any) -> str:
@@ -129,6 +135,7 @@ class NodeProcess:
     log_path: Path
     process: subprocess.Popen[bytes] | None = None
     env: dict[str, str] = field(default_factory=dict)
+    start_new_session: bool = False
 
     def start(self, timeout: float = 30.0) -> None:
         log = self.log_path.open("ab")
@@ -138,6 +145,7 @@ class NodeProcess:
             stdout=log,
             stderr=subprocess.STDOUT,
             env=env,
+            start_new_session=self.start_new_session,
         )
         log.close()
         wait_for_port(self.port, timeout)
@@ -173,13 +181,29 @@ class NodeProcess:
                 continue
         return events
 
-    def peak_rss_kib(self) -> int:
+    def children(self) -> list[int]:
+        """The node's child processes (its worker process)."""
         assert self.process is not None
-        status = Path(f"/proc/{self.process.pid}/status").read_text()
-        for line in status.splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-        raise AssertionError("no VmHWM")
+        return child_pids(self.process.pid)
+
+    def worker_pid(self, timeout: float = 30.0) -> int:
+        found: list[int] = []
+        wait_until(lambda: bool(found.extend(self.children()) or found), timeout,
+                   message="the worker process")
+        return found[0]
+
+    def peak_rss_kib(self) -> int:
+        """Peak resident memory of the node: its processes' peaks added up."""
+        assert self.process is not None
+        return sum(_peak_rss_kib(pid) for pid in [self.process.pid, *self.children()])
+
+
+def _peak_rss_kib(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    for line in status.splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmHWM")
 
 
 @contextmanager

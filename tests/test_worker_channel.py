@@ -1,0 +1,74 @@
+"""The worker's end of the channel: one failing message does not end it."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from typing import Any
+
+from structlog.testing import capture_logs
+
+from gateway.worker_process import _Worker, receive_message, send_message
+
+
+class _Background:
+    """Stands in for the worker's background work; its pause refresh fails once, as
+    when the index is unreachable."""
+
+    def __init__(self) -> None:
+        self.uploads = 0
+        self.refreshes = 0
+
+    def wake_upload(self) -> None:
+        self.uploads += 1
+
+    def wake_forward(self, _destinations: Any) -> None:
+        pass
+
+    def refresh_paused(self) -> None:
+        self.refreshes += 1
+        if self.refreshes == 1:
+            raise RuntimeError("index database unavailable")
+
+
+def test_a_failing_message_is_logged_and_the_worker_keeps_reading() -> None:
+    listener, worker_end = socket.socketpair()
+    worker = _Worker(worker_end)
+    background = _Background()
+    with capture_logs() as logs:
+        reader = threading.Thread(target=worker._read, args=(background,))
+        reader.start()
+        for message in ({"op": "refresh_paused"}, {"op": "stored", "destinations": []},
+                        {"op": "refresh_paused"}, {"op": "stop"}):
+            send_message(listener, message)
+        reader.join(10)
+    assert not reader.is_alive()
+    assert worker.stop_requested.is_set()
+    assert (background.refreshes, background.uploads) == (2, 1)
+    failed = [entry for entry in logs if entry["event"] == "worker_message_failed"]
+    assert len(failed) == 1 and failed[0]["op"] == "refresh_paused"
+    listener.close()
+    worker_end.close()
+
+
+def test_the_worker_stops_when_the_listener_is_gone() -> None:
+    listener, worker_end = socket.socketpair()
+    worker = _Worker(worker_end)
+    reader = threading.Thread(target=worker._read, args=(_Background(),))
+    reader.start()
+    listener.close()
+    reader.join(10)
+    assert worker.stop_requested.is_set()
+    worker_end.close()
+
+
+def test_a_message_split_across_reads_arrives_whole() -> None:
+    left, right = socket.socketpair()
+    left.settimeout(0.05)
+    payload = {"op": "metrics", "id": 3, "pad": "x" * 100_000}
+    sender = threading.Thread(target=send_message, args=(right, payload))
+    sender.start()
+    assert receive_message(left, patient=True) == payload
+    sender.join(10)
+    left.close()
+    right.close()
