@@ -29,7 +29,12 @@ from pynetdicom.transport import AssociationSocket
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from gateway import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, dimse_reactor
+from gateway import (
+    IMPLEMENTATION_CLASS_UID,
+    IMPLEMENTATION_VERSION_NAME,
+    dimse_codec,
+    dimse_reactor,
+)
 from gateway.acceptance import (
     AcceptancePolicy,
     AssociationRequest,
@@ -113,6 +118,8 @@ def configure_pynetdicom(receive_dir: Path, max_pdu_length: int) -> None:
     _dimse_messages.NamedTemporaryFile = _receive_tempfile
     # Wake pynetdicom's reactor loops on work instead of polling every millisecond.
     dimse_reactor.install()
+    # Encode the file meta group and the C-STORE-RSP directly, not through pydicom.
+    dimse_codec.install()
 
 
 class PynetdicomContext(logging.Filter):
