@@ -496,17 +496,23 @@ class Receiver:
             duration_s=round(duration, 3),
             detail=detail,
         )
-        if recorded:
-            self._write_log(
-                lambda c: repository.finish_association(
-                    c,
-                    session.facts.association_id,
-                    outcome=outcome,
-                    totals=session.totals(),
-                    ended_at=_utcnow(),
-                    detail=detail,
-                )
+        ended_at = _utcnow()
+
+        def write(connection: Any) -> None:
+            # A peer that aborts right after the A-ASSOCIATE-AC can be reported before
+            # the acceptance is (another thread): the row is then written here, whole.
+            if not recorded:
+                repository.insert_association(connection, session.facts, outcome)
+            repository.finish_association(
+                connection,
+                session.facts.association_id,
+                outcome=outcome,
+                totals=session.totals(),
+                ended_at=ended_at,
+                detail=detail,
             )
+
+        self._write_log(write)
 
     def _write_log(self, write: Any) -> bool:
         try:
