@@ -138,6 +138,9 @@ class NodeProcess:
     start_new_session: bool = False
 
     def start(self, timeout: float = 30.0) -> None:
+        """Start the node and return once it has logged ``node_started``: every
+        listener (DICOM, HL7, HTTP) is then open."""
+        started_before = self._started_count()
         log = self.log_path.open("ab")
         env = {**os.environ, **self.env}
         self.process = subprocess.Popen(
@@ -149,6 +152,15 @@ class NodeProcess:
         )
         log.close()
         wait_for_port(self.port, timeout)
+        process = self.process
+        wait_until(lambda: self._started_count() > started_before or process.poll() is not None,
+                   timeout, message="node_started")
+        assert process.poll() is None, f"the node exited with {process.returncode}"
+
+    def _started_count(self) -> int:
+        if not self.log_path.exists():
+            return 0
+        return sum(1 for event in self.log_events() if event.get("event") == "node_started")
 
     def signal(self, signum: int) -> None:
         assert self.process is not None
