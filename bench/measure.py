@@ -7,7 +7,9 @@ Route time runs from the storescu launch until the last instance is at the desti
 
 from __future__ import annotations
 
+import os
 import shutil
+import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -15,7 +17,7 @@ from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench import targets
+from bench import floor, targets
 from bench.processes import LOOPBACK, BenchError, Senders, dcmtk_env, wait_until
 from bench.workloads import Workload, study_dirs
 
@@ -131,6 +133,8 @@ def start_target(ctx: Context, name: str, run_dir: Path,
 
 def ingest(ctx: Context, workload: Workload, target_name: str, run: int) -> Measurement:
     """Send *workload* to a fresh *target_name*; time the senders."""
+    if target_name == "floor":
+        return ingest_floor(ctx, workload, run)
     result = Measurement(workload.name, "ingest", target_name, run, workload.instances)
     with run_directory(ctx, f"{workload.name}-ingest-{target_name}-{run}", result) as run_dir, \
             start_target(ctx, target_name, run_dir) as target:
@@ -139,6 +143,24 @@ def ingest(ctx: Context, workload: Workload, target_name: str, run: int) -> Meas
             result.seconds = running.wait(timeout_for(workload))
         verify_count(target, workload.instances)
         result.rss_main, result.rss_total = target.peak_rss()
+    return result
+
+
+def ingest_floor(ctx: Context, workload: Workload, run: int) -> Measurement:
+    """The durable-write floor (``bench/floor.py``): one process per study directory in
+    place of each storescu, timed the same way."""
+    result = Measurement(workload.name, "ingest", "floor", run, workload.instances)
+    with run_directory(ctx, f"{workload.name}-ingest-floor-{run}", result) as run_dir:
+        root = run_dir / "floor"
+        root.mkdir()
+        floor.count(root)  # the index exists before the writers start
+        commands = [[sys.executable, floor.__file__, "--root", str(root), str(directory)]
+                    for directory in study_dirs(ctx.work, workload)]
+        with Senders(commands, run_dir / "senders", dict(os.environ)) as running:
+            result.seconds = running.wait(timeout_for(workload))
+        written = floor.count(root)
+        if written != workload.instances:
+            raise BenchError(f"floor wrote {written} of {workload.instances} instances")
     return result
 
 

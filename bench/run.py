@@ -25,7 +25,7 @@ from bench.workloads import WORKLOADS, Workload, ensure
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPOSITORY = BENCH_DIR.parent
-ALL_TARGETS = ("gateway", "orthanc", "storescp")
+ALL_TARGETS = ("gateway", "orthanc", "storescp", "floor")
 ROUTE_WORKLOADS = ("ct300", "small2000")
 ROUTE_TARGETS = ("gateway", "orthanc")
 
