@@ -94,11 +94,26 @@ def test_missing_object_has_no_size(store: ObjectStore) -> None:
     assert store.size("no/such/object.dcm") is None
 
 
-def test_file_store_rejects_keys_that_leave_its_root(tmp_path: Path) -> None:
+@pytest.mark.parametrize("key", [
+    "../escape.dcm", "a/../../escape.dcm", "/etc/escape.dcm", "", ".", "a/..",
+    "../objects-sibling/x.dcm",
+])
+def test_file_store_rejects_keys_that_leave_its_root(tmp_path: Path, key: str) -> None:
     store = FileObjectStore(tmp_path / "objects")
     path, expected = _payload(tmp_path, 100)
     with pytest.raises(ValueError, match="leaves the store"):
-        store.put_file("../escape.dcm", path, expected)
+        store.put_file(key, path, expected)
+    assert not (tmp_path / "escape.dcm").exists()
+
+
+@pytest.mark.parametrize("key", ["1.2.3/4.5/6..7.dcm", "a/./b.dcm", "a/b/../c.dcm"])
+def test_file_store_keeps_keys_inside_its_root(tmp_path: Path, key: str) -> None:
+    store = FileObjectStore(tmp_path / "objects")
+    path, expected = _payload(tmp_path, 100)
+    store.put_file(key, path, expected)
+    local = store.local_path(key)
+    assert local is not None and local.is_relative_to(tmp_path / "objects")
+    assert store.size(key) == 100
 
 
 def test_unreachable_s3_store_raises_a_transient_error(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, FromClause, Table, and_, or_, update
+from sqlalchemy import Connection, FromClause, Table, Update, and_, bindparam, or_, update
 
 PENDING = "pending"
 IN_FLIGHT = "in_flight"
@@ -84,13 +84,35 @@ def outcome_values(result: Outcome, attempts: int, now: dt.datetime) -> dict[str
     return values
 
 
+_record_statements: dict[tuple[str, tuple[str, ...]], Update] = {}
+
+
+def _record_statement(table: Table, columns: tuple[str, ...]) -> Update:
+    """The lease-guarded UPDATE setting *columns*, built once per shape (forwarding
+    records one per delivered instance: building it each time cost more than running it)."""
+    key = (table.name, columns)
+    statement = _record_statements.get(key)
+    if statement is None:
+        c = table.c
+        statement = (
+            update(table)
+            .where(c.id == bindparam("w_id"), c.lease_owner == bindparam("w_owner"),
+                   c.state == IN_FLIGHT)
+            .values({column: bindparam(f"v_{column}") for column in columns})
+        )
+        _record_statements[key] = statement
+    return statement
+
+
 def record(
     connection: Connection, table: Table, row_id: int, *, owner: str, attempts: int,
     result: Outcome, now: dt.datetime, extra: dict[str, Any] | None = None,
 ) -> bool:
     """Record an outcome; False when the lease was lost meanwhile."""
     values = {**outcome_values(result, attempts, now), **(extra or {})}
-    updated = connection.execute(update(table).where(owned(table, row_id, owner)).values(**values))
+    statement = _record_statement(table, tuple(sorted(values)))
+    parameters = {f"v_{column}": value for column, value in values.items()}
+    updated = connection.execute(statement, {"w_id": row_id, "w_owner": owner, **parameters})
     return bool(updated.rowcount)
 
 

@@ -23,6 +23,7 @@ from gateway.index.schema import ForwardAttempt, ForwardJob
 
 job_table = cast(Table, ForwardJob.__table__)
 attempt_table = cast(Table, ForwardAttempt.__table__)
+_INSERT_ATTEMPT = attempt_table.insert()
 
 PENDING = outbox.PENDING
 IN_FLIGHT = outbox.IN_FLIGHT
@@ -189,15 +190,16 @@ def _record_attempt(
     node: str | None,
 ) -> None:
     connection.execute(
-        attempt_table.insert().values(
-            node=node,
-            job_pk=job_id,
-            attempted_at=now,
-            outcome=outcome,
-            status=status,
-            error=error[:2000] if error else None,
-            forward_association_id=forward_association_id,
-        )
+        _INSERT_ATTEMPT,
+        {
+            "node": node,
+            "job_pk": job_id,
+            "attempted_at": now,
+            "outcome": outcome,
+            "status": status,
+            "error": error[:2000] if error else None,
+            "forward_association_id": forward_association_id,
+        },
     )
 
 

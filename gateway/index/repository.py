@@ -470,22 +470,29 @@ def due_uploads(
     return connection.execute(stmt).all()
 
 
+# Built once: the uploader runs it for every instance.
+_MARK_STORED = (
+    update(instance_table)
+    .where(instance_table.c.id == bindparam("w_id"), instance_table.c.state == SPOOLED)
+    .values(
+        state=STORED,
+        object_key=bindparam("v_key"),
+        stored_at=bindparam("v_now"),
+        spool_name=None,
+        next_upload_at=None,
+        last_upload_error=None,
+    )
+)
+
+
 def mark_stored(
     connection: Connection, instance_pk: int, object_key: str, now: dt.datetime
 ) -> bool:
     result = connection.execute(
-        update(instance_table)
-        .where(instance_table.c.id == instance_pk, instance_table.c.state == SPOOLED)
-        .values(
-            state=STORED,
-            object_key=object_key,
-            stored_at=now,
-            spool_name=None,
-            next_upload_at=None,
-            last_upload_error=None,
-        )
+        _MARK_STORED, {"w_id": instance_pk, "v_key": object_key, "v_now": now}
     )
     return bool(result.rowcount)
+
 
 
 def mark_upload_failed(
