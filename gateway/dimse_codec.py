@@ -1,14 +1,17 @@
-"""Hand-encoded bytes for the two fixed-shape encodings of every received instance.
+"""Hand-encoded bytes for the fixed-shape encodings of every instance received or sent.
 
 For each C-STORE, pynetdicom builds pydicom datasets only to encode them: the file meta
 group written in front of the received data set (``create_file_meta`` and
 ``write_file_meta_info``), and the C-STORE-RSP command set (built, encoded once for its
 group length and once more to send). That was about a fifth of the receive path's
-interpreter time per small instance. Both have a fixed shape, so they are encoded here
-directly: the encoders are pure and tested byte for byte against pydicom's and
-pynetdicom's own output. Anything outside the fixed shape (an error comment, an
-offending element, a UID that is not digits and dots, a PDU too small for the command
-set, an observer of sent messages) takes pynetdicom's path unchanged.
+interpreter time per small instance. Sending is the same: the C-STORE-RQ command set is
+built and encoded twice, and the file's meta group is parsed with pydicom
+(``split_dataset``) to find where the data set starts. All have a fixed shape, so they
+are encoded (and the meta group read) here directly: the encoders are pure and tested
+byte for byte against pydicom's and pynetdicom's own output. Anything outside the fixed
+shape (an error comment, an offending element, a move originator, a UID that is not
+digits and dots, a PDU too small for the command set, an observer of sent messages, a
+file that is not Part 10) takes pynetdicom's path unchanged.
 
 :func:`install` wires them into pynetdicom for the versions they were tested with
 (:data:`gateway.dimse_reactor.SUPPORTED_VERSIONS`).
@@ -19,23 +22,35 @@ from __future__ import annotations
 import re
 import struct
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, BinaryIO
 
 import pynetdicom
+from pydicom.dataset import Dataset
+from pynetdicom import association as _association
 from pynetdicom import dimse as _dimse
 from pynetdicom import dimse_messages as _dimse_messages
 from pynetdicom import evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu_primitives import P_DATA
 
+from gateway.dicom.header import HeaderError, read_file_meta
 from gateway.dimse_reactor import SUPPORTED_VERSIONS
 
+_C_STORE_RQ = 0x0001
 _C_STORE_RSP = 0x8001
 _NO_DATA_SET = 0x0101
-_COMMAND_LAST_FRAGMENT = b"\x03"  # PS3.8 E.2: command information, last fragment
+_DATA_SET_PRESENT = 0x0001
+# PS3.8 E.2 message control headers
+_COMMAND_LAST_FRAGMENT = b"\x03"
+_DATA_FRAGMENT = b"\x00"
+_DATA_LAST_FRAGMENT = b"\x02"
 
 _UID = re.compile(r"[0-9.]{1,64}")
+_META_READ = 16 * 1024  # a meta group longer than this goes to pynetdicom's reader
+_original_split_dataset = _association.split_dataset
 
 _install_lock = threading.Lock()
 _installed = False
@@ -92,6 +107,90 @@ def c_store_rsp_command(*, message_id_being_responded_to: int, status: int,
         elements.append(_implicit(0x1000, _padded(sop_instance_uid, b"\x00")))
     body = b"".join(elements)
     return _implicit(0x0000, struct.pack("<I", len(body))) + body
+
+
+def c_store_rq_command(*, message_id: int, priority: int, sop_class_uid: str,
+                       sop_instance_uid: str) -> bytes:
+    """A C-STORE-RQ command set with a data set and no move originator, implicit VR
+    little endian (PS3.7 9.3.1.1, E.1), as pynetdicom encodes it."""
+    body = b"".join((
+        _implicit(0x0002, _padded(sop_class_uid, b"\x00")),
+        _implicit(0x0100, struct.pack("<H", _C_STORE_RQ)),
+        _implicit(0x0110, struct.pack("<H", message_id)),
+        _implicit(0x0700, struct.pack("<H", priority)),
+        _implicit(0x0800, struct.pack("<H", _DATA_SET_PRESENT)),
+        _implicit(0x1000, _padded(sop_instance_uid, b"\x00")),
+    ))
+    return _implicit(0x0000, struct.pack("<I", len(body))) + body
+
+
+def data_set_fragments(stream: BinaryIO, length: int, max_pdu_length: int) -> Iterator[bytes]:
+    """PDVs (control header + bytes) of a data set of *length* bytes read from *stream*,
+    split as pynetdicom splits them: at most ``max_pdu_length - 6`` bytes each, one
+    fragment when the maximum is 0 (unlimited), the last one flagged."""
+    size = length if max_pdu_length == 0 else max_pdu_length - 6
+    count = 1 if max_pdu_length == 0 else max(1, -(-length // size))
+    for index in range(count):
+        header = _DATA_LAST_FRAGMENT if index == count - 1 else _DATA_FRAGMENT
+        yield header + stream.read(size)
+
+
+def _fast_c_store_rq(provider: Any, primitive: Any, context_id: int) -> bool:
+    """Send a C-STORE-RQ of a data set in a file (``send_c_store(path)``) with the command
+    set hand-encoded and the data set read straight from the file; else False."""
+    source = getattr(primitive, "_dataset_path", None)
+    if (
+        not isinstance(primitive, C_STORE)
+        or primitive.MessageIDBeingRespondedTo is not None
+        or source is None
+        or primitive.DataSet is not None
+        or not isinstance(primitive.MessageID, int)
+        or not isinstance(primitive.Priority, int)
+        or primitive.MoveOriginatorApplicationEntityTitle is not None
+        or primitive.MoveOriginatorMessageID is not None
+        or provider.assoc.get_handlers(evt.EVT_DIMSE_SENT)
+        or not _plain_uids(primitive.AffectedSOPClassUID, primitive.AffectedSOPInstanceUID)
+        or primitive.AffectedSOPClassUID is None
+        or primitive.AffectedSOPInstanceUID is None
+    ):
+        return False
+    command = c_store_rq_command(
+        message_id=primitive.MessageID,
+        priority=primitive.Priority,
+        sop_class_uid=primitive.AffectedSOPClassUID,
+        sop_instance_uid=primitive.AffectedSOPInstanceUID,
+    )
+    limit = provider.maximum_pdu_size
+    if limit and len(command) + 6 > limit:
+        return False
+    path, offset = source
+    # Opened before anything is sent: a missing file fails the send, not half a message.
+    with open(path, "rb") as stream:
+        length = stream.seek(0, 2) - stream.seek(offset)
+        pdata = P_DATA()
+        pdata.presentation_data_value_list.append((context_id, _COMMAND_LAST_FRAGMENT + command))
+        provider.dul.send_pdu(pdata)
+        for fragment in data_set_fragments(stream, length, limit):
+            pdata = P_DATA()
+            pdata.presentation_data_value_list.append((context_id, fragment))
+            provider.dul.send_pdu(pdata)
+    return True
+
+
+def split_dataset(path: Path) -> tuple[Dataset, int]:
+    """pynetdicom's ``split_dataset`` (the file meta group and the data set's offset),
+    read with the gateway's header reader; pynetdicom's own for anything it refuses."""
+    with open(path, "rb") as stream:
+        head = stream.read(_META_READ)
+        try:
+            meta, offset = read_file_meta(head)
+        except HeaderError:
+            meta = None
+    if meta is None or offset >= len(head):
+        # Not Part 10, or a meta group longer than what was read: the general reader.
+        original: tuple[Dataset, int] = _original_split_dataset(path)
+        return original
+    return meta, offset
 
 
 @dataclass(frozen=True)
@@ -181,11 +280,13 @@ def install() -> bool:
             original_write(fp, file_meta, *args, **kwargs)
 
         def send_msg(self: Any, primitive: Any, context_id: int) -> None:
-            if not _fast_c_store_rsp(self, primitive, context_id):
+            if not (_fast_c_store_rsp(self, primitive, context_id)
+                    or _fast_c_store_rq(self, primitive, context_id)):
                 original_send(self, primitive, context_id)
 
         _dimse_messages.create_file_meta = create_file_meta
         _dimse_messages.write_file_meta_info = write_file_meta_info
         _dimse.DIMSEServiceProvider.send_msg = send_msg
+        _association.split_dataset = split_dataset
         _installed = True
         return True

@@ -20,7 +20,7 @@ from pynetdicom import _config
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from gateway import dimse_reactor
+from gateway import dimse_codec, dimse_reactor
 from gateway.backoff import retry_delay
 from gateway.config import DestinationConfig, MorphConfig
 from gateway.index import admin, queue
@@ -470,6 +470,7 @@ class Forwarder:
         # pynetdicom's standard handlers format every PDU (and identifiers) for its log.
         _config.LOG_HANDLER_LEVEL = "none"
         dimse_reactor.install()  # no Nagle stalls or polling delays per instance sent
+        dimse_codec.install()  # C-STORE-RQ command sets without pydicom datasets
         now = self.settings.clock()
         with self.settings.engine.begin() as connection:
             released = queue.release_node_leases(connection, self.settings.node_name, now)

@@ -3,14 +3,25 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from pydicom.filewriter import write_file_meta_info
-from pynetdicom.dimse_messages import C_STORE_RSP
+from pynetdicom.dimse_messages import C_STORE_RQ, C_STORE_RSP
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import create_file_meta, encode
+from pynetdicom.dsutils import split_dataset as pynetdicom_split_dataset
 
-from gateway.dimse_codec import c_store_rsp_command, file_meta_bytes
+from gateway.dimse_codec import (
+    _fast_c_store_rq,
+    c_store_rq_command,
+    c_store_rsp_command,
+    file_meta_bytes,
+    split_dataset,
+)
+from tests.helpers.data import sample
 
 CT = "1.2.840.10008.5.1.4.1.1.2"  # even length
 MR = "1.2.840.10008.5.1.4.1.1.4"
@@ -84,3 +95,119 @@ def test_only_plain_uids_take_the_hand_encoders(values: tuple[object, ...], plai
     from gateway.dimse_codec import _plain_uids
 
     assert _plain_uids(*values) is plain
+
+
+# --- sending ---------------------------------------------------------------------------
+
+RQ_CASES = [
+    (1, 2, CT, "1.2.3.4"),          # medium priority (the default), even UIDs
+    (65535, 0, ENHANCED, "1.2.3.45"),  # odd-length UIDs are padded
+    (7, 1, MR, "2.25.123456789012345678901234567890123456"),
+    (300, 2, MR, "1.2." + "9" * 60),
+]
+
+
+@pytest.mark.parametrize(("message_id", "priority", "sop_class", "sop_instance"), RQ_CASES)
+def test_c_store_rq_is_encoded_as_pynetdicom_encodes_it(
+    message_id: int, priority: int, sop_class: str, sop_instance: str, tmp_path: Path
+) -> None:
+    primitive = _store_request(message_id, priority, sop_class, sop_instance,
+                               path=tmp_path / "f")
+    message = C_STORE_RQ()
+    message.primitive_to_message(primitive)
+    expected = encode(message.command_set, True, True)
+    assert c_store_rq_command(
+        message_id=message_id, priority=priority, sop_class_uid=sop_class,
+        sop_instance_uid=sop_instance,
+    ) == expected
+
+
+@pytest.mark.parametrize(("length", "max_pdu"), [
+    (0, 16384), (1, 16384), (16378, 16384), (16379, 16384), (2 * 16378, 16384),
+    (100_000, 16384), (100_000, 0), (5000, 4096), (70_000, 262144),
+])
+def test_a_stored_file_is_sent_in_pynetdicoms_pdvs(
+    length: int, max_pdu: int, tmp_path: Path
+) -> None:
+    offset = 132 + 60  # where the data set starts in the file
+    path = tmp_path / "instance.dcm"
+    path.write_bytes(b"M" * offset + bytes(index % 251 for index in range(length)))
+    primitive = _store_request(9, 2, CT, "1.2.3.4", path=path, offset=offset)
+    message = C_STORE_RQ()
+    message.primitive_to_message(primitive)
+    expected = [pdata.presentation_data_value_list
+                for pdata in message.encode_msg(1, max_pdu)]
+    provider = _Provider(max_pdu)
+    assert _fast_c_store_rq(provider, primitive, 1)
+    assert [pdata.presentation_data_value_list for pdata in provider.sent] == expected
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
+def test_requests_outside_the_fixed_shape_take_pynetdicoms_path(tmp_path: Path) -> None:
+    path = tmp_path / "instance.dcm"
+    path.write_bytes(b"x" * 200)
+
+    def request(**changes: object) -> C_STORE:
+        primitive = _store_request(1, 2, CT, "1.2.3", path=path)
+        for name, value in changes.items():
+            setattr(primitive, name, value)
+        return primitive
+
+    in_memory = _store_request(1, 2, CT, "1.2.3", path=path)
+    in_memory._dataset_path = None
+    in_memory.DataSet = io.BytesIO(b"\x08\x00\x16\x00")
+    for primitive in (
+        request(MoveOriginatorApplicationEntityTitle="MOVESCU"),
+        request(MoveOriginatorMessageID=3),
+        request(AffectedSOPInstanceUID="1.2.3.4\\5"),
+        in_memory,
+    ):
+        assert not _fast_c_store_rq(_Provider(16384), primitive, 1)
+    # A PDU too small for the command set, and an observer of sent messages.
+    assert not _fast_c_store_rq(_Provider(60), request(), 1)
+    assert not _fast_c_store_rq(_Provider(16384, observed=True), request(), 1)
+    assert _fast_c_store_rq(_Provider(16384), request(), 1)
+
+
+@pytest.mark.parametrize("name", [
+    "CT_small.dcm", "MR_small.dcm", "JPEG2000.dcm", "rtplan.dcm", "SC_rgb_rle.dcm",
+])
+def test_the_meta_group_of_a_file_to_send_is_read_as_pynetdicom_reads_it(name: str) -> None:
+    path = sample(name)
+    meta, offset = split_dataset(path)
+    expected_meta, expected_offset = pynetdicom_split_dataset(path)
+    assert offset == expected_offset
+    for keyword in ("MediaStorageSOPClassUID", "MediaStorageSOPInstanceUID",
+                    "TransferSyntaxUID"):
+        assert meta[keyword].value == expected_meta[keyword].value
+
+
+def test_files_the_fast_reader_refuses_go_to_pynetdicoms_reader(tmp_path: Path) -> None:
+    no_preamble = tmp_path / "raw.dcm"
+    no_preamble.write_bytes(b"\x08\x00\x16\x00UI\x04\x001.2\x00")
+    with pytest.raises(Exception) as fast:
+        split_dataset(no_preamble)
+    with pytest.raises(Exception) as original:
+        pynetdicom_split_dataset(no_preamble)
+    assert type(fast.value) is type(original.value)
+
+
+def _store_request(message_id: int, priority: int, sop_class: str, sop_instance: str, *,
+                   path: Path, offset: int = 132) -> C_STORE:
+    primitive = C_STORE()
+    primitive.MessageID = message_id
+    primitive.Priority = priority
+    primitive.AffectedSOPClassUID = sop_class
+    primitive.AffectedSOPInstanceUID = sop_instance
+    primitive._dataset_path = (path, offset)
+    return primitive
+
+
+class _Provider:
+    """What _fast_c_store_rq uses of pynetdicom's DIMSE provider: PDUs go to a list."""
+
+    def __init__(self, maximum_pdu_size: int, *, observed: bool = False) -> None:
+        self.maximum_pdu_size = maximum_pdu_size
+        self.sent: list[Any] = []
+        self.dul = SimpleNamespace(send_pdu=self.sent.append)
+        self.assoc = SimpleNamespace(get_handlers=lambda event: [print] if observed else [])
