@@ -186,8 +186,9 @@ def split_dataset(path: Path) -> tuple[Dataset, int]:
             meta, offset = read_file_meta(head)
         except HeaderError:
             meta = None
-    if meta is None or offset >= len(head):
-        # Not Part 10, or a meta group longer than what was read: the general reader.
+    if meta is None or offset + 8 > len(head):
+        # Not Part 10, or the read may have ended inside the meta group (the reader
+        # stops short of a partial element header): the general reader decides.
         original: tuple[Dataset, int] = _original_split_dataset(path)
         return original
     return meta, offset

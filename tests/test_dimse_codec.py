@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import struct
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -211,3 +212,33 @@ class _Provider:
         self.sent: list[Any] = []
         self.dul = SimpleNamespace(send_pdu=self.sent.append)
         self.assoc = SimpleNamespace(get_handlers=lambda event: [print] if observed else [])
+
+
+def _part10(tmp_path: Path, extra_meta: bytes, data_set: bytes) -> Path:
+    meta = file_meta_bytes(sop_class_uid=CT, sop_instance_uid="1.2.3.4", transfer_syntax=EXPLICIT,
+                           implementation_uid="1.2.3", implementation_version="X")
+    path = tmp_path / "instance.dcm"
+    path.write_bytes(b"\0" * 128 + b"DICM" + meta + extra_meta + data_set)
+    return path
+
+
+def _explicit_element(element: int, vr: bytes, value: bytes) -> bytes:
+    if vr == b"OB":
+        return struct.pack("<HH2sHI", 2, element, vr, 0, len(value)) + value
+    return struct.pack("<HH2sH", 2, element, vr, len(value)) + value
+
+
+@pytest.mark.parametrize("case", ["meta group across the read", "data set shorter than a tag"])
+def test_edge_files_get_pynetdicoms_offset(case: str, tmp_path: Path) -> None:
+    data_set = b"\x08\x00\x16\x00UI\x04\x001.2\x00" * 4
+    if case == "meta group across the read":
+        # A 16 KiB meta group whose next element starts in the last 8 bytes of the head
+        # the fast reader looks at: only the general reader can tell where it ends.
+        start = len(_part10(tmp_path, b"", b"").read_bytes())  # where the extra begins
+        filler = 16 * 1024 - 4 - start - 8
+        extra = (_explicit_element(0x0100, b"UI", b"1" * filler)
+                 + _explicit_element(0x0102, b"OB", b"\x01" * 100))
+    else:
+        extra, data_set = b"", b"\x08\x00\x16\x00"
+    path = _part10(tmp_path, extra, data_set)
+    assert split_dataset(path)[1] == pynetdicom_split_dataset(path)[1]
