@@ -176,6 +176,17 @@ def negotiable_contexts(requested: list[PresentationContext]) -> list[Presentati
     return [cx for cx in contexts.values() if cx.transfer_syntax]
 
 
+def _provider_rejection(assoc: Any) -> Rejection:
+    """The A-ASSOCIATE-RJ pynetdicom itself sent on *assoc*."""
+    primitive = assoc.acceptor.primitive
+    return Rejection(
+        int(primitive.result),
+        int(primitive.result_source),
+        int(primitive.diagnostic),
+        "rejected by the DICOM upper layer",
+    )
+
+
 def _utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
@@ -394,16 +405,7 @@ class Receiver:
         session = self._sessions.get(event.assoc)
         if session is None:
             return
-        primitive = event.assoc.acceptor.primitive
-        self._record_rejection(
-            session,
-            Rejection(
-                int(primitive.result),
-                int(primitive.result_source),
-                int(primitive.diagnostic),
-                "rejected by the DICOM upper layer",
-            ),
-        )
+        self._record_rejection(session, _provider_rejection(event.assoc))
 
     def _record_rejection(self, session: _Session, rejection: Rejection) -> None:
         with session.lock:
@@ -474,6 +476,11 @@ class Receiver:
         with self._lock:
             session = self._sessions.pop(assoc, None)
         if session is None:
+            return
+        if getattr(assoc, "is_rejected", False):
+            # pynetdicom rejected it and the peer closed before EVT_REJECTED was
+            # handled: still a rejection (a no-op if it was recorded already).
+            self._record_rejection(session, _provider_rejection(assoc))
             return
         with session.lock:
             if session.finished:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import time
+import uuid
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -13,8 +16,9 @@ from sqlalchemy import text
 from structlog.testing import capture_logs
 
 from gateway.config import GatewayConfig
+from gateway.index.repository import AssociationFacts
 from gateway.node import Node
-from gateway.receiver import Receiver
+from gateway.receiver import Receiver, _Session
 from tests.helpers import dcmtk
 from tests.helpers.data import make_study
 from tests.helpers.net import LOOPBACK, wait_until
@@ -183,6 +187,39 @@ def test_associations_dropped_right_after_acceptance_are_closed_in_the_log(
 
         wait_until(all_closed, 10, message="three aborted association rows")
         assert all(row["ended_at"] is not None for row in _association_rows(node))
+
+
+@pytest.mark.parametrize(("rejected", "outcome"), [(False, "aborted"), (True, "rejected")])
+def test_a_connection_closed_before_its_outcome_was_handled_gets_its_row(
+    node: Node, rejected: bool, outcome: str
+) -> None:
+    # The connection close can be handled before EVT_ACCEPTED or EVT_REJECTED (other
+    # threads): the row is written then, with what the association really was.
+    facts = AssociationFacts(
+        association_id=str(uuid.uuid4()), node=node.name, calling_ae="MODALITY",
+        called_ae="GATEWAY", peer_address="127.0.0.1", peer_port=4242,
+        requested_at=dt.datetime.now(dt.UTC),
+    )
+    # What pynetdicom leaves on an association it rejected itself (local limit).
+    primitive = SimpleNamespace(result=2, result_source=3, diagnostic=2)
+    assoc = _Association(rejected, primitive)
+    node.receiver._sessions[assoc] = _Session(facts)
+    node.receiver._on_connection_closed(SimpleNamespace(assoc=assoc))
+    node.receiver._on_rejected_by_provider(SimpleNamespace(assoc=assoc))  # late: no effect
+    (row,) = _association_rows(node)
+    assert row["outcome"] == outcome
+    assert row["ended_at"] is not None
+    if rejected:
+        assert row["reject_reason"] == "rejected by the DICOM upper layer"
+
+
+class _Association:
+    """What the receiver reads of a pynetdicom association (hashable, like one)."""
+
+    def __init__(self, rejected: bool, primitive: object) -> None:
+        self.is_rejected = rejected
+        self.acceptor = SimpleNamespace(primitive=primitive)
+        self.dimse = None
 
 
 def test_a_peer_closing_right_after_the_release_response_is_a_release(

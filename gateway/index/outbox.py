@@ -84,13 +84,13 @@ def outcome_values(result: Outcome, attempts: int, now: dt.datetime) -> dict[str
     return values
 
 
-_record_statements: dict[tuple[str, tuple[str, ...]], Update] = {}
+_record_statements: dict[tuple[Table, tuple[str, ...]], Update] = {}
 
 
 def _record_statement(table: Table, columns: tuple[str, ...]) -> Update:
     """The lease-guarded UPDATE setting *columns*, built once per shape (forwarding
     records one per delivered instance: building it each time cost more than running it)."""
-    key = (table.name, columns)
+    key = (table, columns)
     statement = _record_statements.get(key)
     if statement is None:
         c = table.c

@@ -32,7 +32,6 @@ SPOOLED = "spooled"
 STORED = "stored"
 
 
-
 class RecordOutcome(enum.Enum):
     STORED = "stored"
     """A new SOP instance."""
@@ -492,7 +491,6 @@ def mark_stored(
         _MARK_STORED, {"w_id": instance_pk, "v_key": object_key, "v_now": now}
     )
     return bool(result.rowcount)
-
 
 
 def mark_upload_failed(
