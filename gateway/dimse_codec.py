@@ -160,21 +160,29 @@ def _fast_c_store_rq(provider: Any, primitive: Any, context_id: int) -> bool:
         sop_class_uid=primitive.AffectedSOPClassUID,
         sop_instance_uid=primitive.AffectedSOPInstanceUID,
     )
-    limit = provider.maximum_pdu_size
-    if limit and len(command) + 6 > limit:
+    if not _fits(provider, command):
         return False
     path, offset = source
     # Opened before anything is sent: a missing file fails the send, not half a message.
     with open(path, "rb") as stream:
         length = stream.seek(0, 2) - stream.seek(offset)
-        pdata = P_DATA()
-        pdata.presentation_data_value_list.append((context_id, _COMMAND_LAST_FRAGMENT + command))
-        provider.dul.send_pdu(pdata)
-        for fragment in data_set_fragments(stream, length, limit):
-            pdata = P_DATA()
-            pdata.presentation_data_value_list.append((context_id, fragment))
-            provider.dul.send_pdu(pdata)
+        _send_pdv(provider, context_id, _COMMAND_LAST_FRAGMENT + command)
+        for fragment in data_set_fragments(stream, length, provider.maximum_pdu_size):
+            _send_pdv(provider, context_id, fragment)
     return True
+
+
+def _fits(provider: Any, command: bytes) -> bool:
+    """Whether *command* fits in one PDV under the peer's maximum PDU (0: no limit)."""
+    limit = provider.maximum_pdu_size
+    return not limit or len(command) + 6 <= limit
+
+
+def _send_pdv(provider: Any, context_id: int, value: bytes) -> None:
+    """Queue one P-DATA-TF holding one PDV (message control header + fragment)."""
+    pdata = P_DATA()
+    pdata.presentation_data_value_list.append((context_id, value))
+    provider.dul.send_pdu(pdata)
 
 
 def split_dataset(path: Path) -> tuple[Dataset, int]:
@@ -221,12 +229,9 @@ def _fast_c_store_rsp(provider: Any, primitive: Any, context_id: int) -> bool:
         sop_class_uid=primitive.AffectedSOPClassUID,
         sop_instance_uid=primitive.AffectedSOPInstanceUID,
     )
-    limit = provider.maximum_pdu_size
-    if limit and len(command) + 6 > limit:
+    if not _fits(provider, command):
         return False
-    pdata = P_DATA()
-    pdata.presentation_data_value_list.append((context_id, _COMMAND_LAST_FRAGMENT + command))
-    provider.dul.send_pdu(pdata)
+    _send_pdv(provider, context_id, _COMMAND_LAST_FRAGMENT + command)
     return True
 
 
