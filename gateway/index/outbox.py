@@ -61,7 +61,8 @@ def claim(
     )
 
 
-def owned(table: Table, row_id: int, owner: str) -> Any:
+def owned(table: Table, row_id: Any, owner: Any) -> Any:
+    """The row *row_id* while *owner* holds its lease (values or bound parameters)."""
     c = table.c
     return and_(c.id == row_id, c.lease_owner == owner, c.state == IN_FLIGHT)
 
@@ -93,11 +94,9 @@ def _record_statement(table: Table, columns: tuple[str, ...]) -> Update:
     key = (table, columns)
     statement = _record_statements.get(key)
     if statement is None:
-        c = table.c
         statement = (
             update(table)
-            .where(c.id == bindparam("w_id"), c.lease_owner == bindparam("w_owner"),
-                   c.state == IN_FLIGHT)
+            .where(owned(table, bindparam("w_id"), bindparam("w_owner")))
             .values({column: bindparam(f"v_{column}") for column in columns})
         )
         _record_statements[key] = statement
