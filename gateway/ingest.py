@@ -9,15 +9,16 @@ rolled back.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import mmap
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from io import BufferedReader
 from pathlib import Path
 
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
 
 from gateway.dicom.attributes import (
@@ -29,6 +30,7 @@ from gateway.dicom.attributes import (
 )
 from gateway.dicom.header import Header, HeaderError, read_file_meta, read_header
 from gateway.dicom.transfer_syntax import dataset_encoding
+from gateway.group_commit import GroupCommit
 from gateway.index import repository
 from gateway.index.database import describe_error
 from gateway.index.repository import InstanceRecord, RecordOutcome
@@ -117,6 +119,7 @@ class Ingestor:
         extra_tags: Iterable[int] = (),
         on_stored: Callable[[Mapping[str, str]], None] | None = None,
         clock: Callable[[], dt.datetime] = _utcnow,
+        on_batch: Callable[[int], None] | None = None,
     ) -> None:
         self.engine = engine
         self.spool = spool
@@ -124,6 +127,9 @@ class Ingestor:
         self._routing = _Routing(router, INDEXED_TAGS | frozenset(extra_tags))
         self.on_stored = on_stored or (lambda destinations: None)
         self.clock = clock
+        self._group: GroupCommit[InstanceRecord, repository.RecordResult] = GroupCommit(
+            self._commit_batch, on_batch=on_batch
+        )
 
     def set_routing(self, router: Router | None, extra_tags: Iterable[int]) -> None:
         """Route new instances with *router* (a configuration reload); instances being
@@ -194,19 +200,68 @@ class Ingestor:
         )
 
     def _commit(self, record: InstanceRecord) -> repository.RecordResult:
-        """Record the instance in one transaction.
+        """Record the instance, in a transaction shared with the instances other
+        associations are committing at the same moment (:mod:`gateway.group_commit`).
 
-        Failures before COMMIT leave nothing behind; a failing COMMIT raises
-        :class:`_CommitUncertainError` because it may have been applied. A concurrent
-        association may insert the same new SOP instance between our check and our
-        insert (PostgreSQL): the unique index stops it and the retry sees its row.
+        Returns only once that transaction is committed. Failures before COMMIT leave
+        nothing behind; a failing COMMIT raises :class:`_CommitUncertainError` because it
+        may have been applied.
         """
+        return self._group.submit(record)
+
+    def _commit_batch(
+        self, records: Sequence[InstanceRecord]
+    ) -> list[repository.RecordResult | BaseException]:
+        """One transaction for *records*.
+
+        Failing to connect or to begin is not about any one record (database
+        unavailable, write lock timed out): that error is every record's answer, without
+        trying them one by one. A statement failing is treated as one record's problem
+        (a value the database refuses, a unique-index race, a row lock timing out, a
+        deadlock, a bug): the batch is rolled back and each record is committed on its
+        own, so each gets its own answer and the others are not failed with it.
+        """
+        if len(records) == 1:
+            return [_outcome_of(self._commit_one, records[0])]
+        connection: Connection | None = None
+        try:
+            connection = self.engine.connect()
+            transaction = connection.begin()
+        except SQLAlchemyError as exc:
+            if connection is not None:
+                with contextlib.suppress(SQLAlchemyError):
+                    connection.close()
+            return [exc] * len(records)
+        with connection:
+            try:
+                results: list[repository.RecordResult | BaseException] = [
+                    repository.record_instance(connection, record, self._spool_file_exists)
+                    for record in records
+                ]
+            except Exception:  # noqa: BLE001 - each record is retried for its own answer
+                with contextlib.suppress(SQLAlchemyError):
+                    transaction.rollback()
+            else:
+                try:
+                    transaction.commit()
+                except SQLAlchemyError as exc:
+                    return [_uncertain(exc) for _ in records]
+                return results
+        return [_outcome_of(self._commit_one, record) for record in records]
+
+    def _spool_file_exists(self, name: str) -> bool:
+        return self.spool.path(name).exists()
+
+    def _commit_one(self, record: InstanceRecord) -> repository.RecordResult:
+        """Record one instance in its own transaction. A concurrent association (another
+        node on PostgreSQL) may insert the same new SOP instance between our check and
+        our insert: the unique index stops it and the retry sees its row."""
         for attempt in range(3):
             with self.engine.connect() as connection:
                 transaction = connection.begin()
                 try:
                     result = repository.record_instance(
-                        connection, record, lambda name: self.spool.path(name).exists()
+                        connection, record, self._spool_file_exists
                     )
                 except IntegrityError:
                     transaction.rollback()
@@ -219,7 +274,7 @@ class Ingestor:
                 try:
                     transaction.commit()
                 except SQLAlchemyError as exc:
-                    raise _CommitUncertainError from exc
+                    raise _uncertain(exc) from exc
                 return result
         raise AssertionError("unreachable")
 
@@ -265,6 +320,21 @@ class Ingestor:
             } if decision else {},
             routed=not decision.unrouted if decision else None,
         )
+
+
+def _uncertain(cause: SQLAlchemyError) -> _CommitUncertainError:
+    error = _CommitUncertainError()
+    error.__cause__ = cause
+    return error
+
+
+def _outcome_of(
+    commit: Callable[[InstanceRecord], repository.RecordResult], record: InstanceRecord
+) -> repository.RecordResult | BaseException:
+    try:
+        return commit(record)
+    except Exception as exc:  # noqa: BLE001 - handed to the record's own submitter
+        return exc
 
 
 def _digests(stream: BufferedReader, offset: int, *, with_sha1: bool) -> tuple[str, str | None]:

@@ -54,6 +54,10 @@ class Metrics:
             "(read header, fsync, commit)",
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
             registry=r)
+        self.commit_batch = Histogram(
+            f"{PREFIX}_index_commit_batch_size", "Instances acknowledged per index commit "
+            "(associations storing at the same moment share one commit)",
+            buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
         self.uploads = Counter(
             f"{PREFIX}_uploads", "Uploads to the object store by outcome", ["outcome"],
             registry=r)

@@ -102,6 +102,7 @@ class Node:
             router=make_router(rules),
             extra_tags=header_tags(rules),
             on_stored=self._on_stored,
+            on_batch=self.metrics.commit_batch.observe,
         )
         policy = AcceptancePolicy.build(
             config.node.ae_title, config.node.accept_unknown_calling_ae, config.calling_ae

@@ -19,8 +19,10 @@ import contextlib
 import fcntl
 import os
 import shutil
+import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 from gateway.logs import get_logger
@@ -44,6 +46,63 @@ def _fsync_directory(path: Path) -> None:
         os.close(fd)
 
 
+class SharedFsync:
+    """``fsync`` of one directory, shared by every caller waiting at the same time.
+
+    A rename into ``ready/`` is durable once an ``fsync`` of the directory *started*
+    after it. Associations storing at the same moment each need one; a caller that
+    finds an ``fsync`` already running waits for it to end and then for one that
+    covers it, which starts at once and covers every caller that queued meanwhile
+    (at most two flushes of waiting, however many associations). A failed ``fsync``
+    is every covered caller's error: none of them may answer Success.
+    """
+
+    def __init__(self, fd: int, fsync: Callable[[int], None] = os.fsync) -> None:
+        self._fd = fd
+        self._fsync = fsync
+        self._cond = threading.Condition()
+        self._requested = 0  # callers so far; caller n needs an fsync started after it
+        self._synced = 0  # every caller up to this one is covered by a finished fsync
+        self._failed = 0  # every caller up to this one is covered by a failed fsync
+        self._error: OSError | None = None
+        self._running = False
+
+    def sync(self) -> None:
+        """Return once an ``fsync`` that started after this call has succeeded."""
+        with self._cond:
+            self._requested += 1
+            ticket = self._requested
+            while True:
+                # A failure is checked first: a caller may wake only after a later
+                # fsync succeeded, and its own (failed) one must still count. After a
+                # failure a caller may also see a later one's error: on a failing disk
+                # a failure too many is the safe side.
+                if ticket <= self._failed:
+                    assert self._error is not None
+                    raise OSError(self._error.errno, self._error.strerror)
+                if self._synced >= ticket:
+                    return
+                if self._running:
+                    self._cond.wait()
+                    continue
+                self._running = True
+                covers = self._requested
+                self._cond.release()
+                error: OSError | None = None
+                try:
+                    self._fsync(self._fd)
+                except OSError as exc:
+                    error = exc
+                finally:
+                    self._cond.acquire()
+                    self._running = False
+                    self._cond.notify_all()
+                if error is not None:
+                    self._failed, self._error = covers, error
+                else:
+                    self._synced = covers
+
+
 class Spool:
     """Durable local staging of received instances."""
 
@@ -56,6 +115,7 @@ class Spool:
         for directory in (self.incoming, self.ready, self.orphaned):
             directory.mkdir(parents=True, exist_ok=True)
         self._ready_fd = os.open(self.ready, os.O_RDONLY | os.O_DIRECTORY)
+        self._ready_sync = SharedFsync(self._ready_fd)
         self._lock_fd: int | None = None
         self._free_checked_at = 0.0
         self._free_ok = True
@@ -136,7 +196,7 @@ class Spool:
             finally:
                 os.close(fd)
             received.rename(self.ready / name)
-            os.fsync(self._ready_fd)
+            self._ready_sync.sync()
         except OSError as exc:
             self.discard_received(received)
             with contextlib.suppress(OSError):

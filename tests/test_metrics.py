@@ -61,6 +61,9 @@ def test_receiving_moves_association_instance_byte_and_latency_metrics(
     assert metric(after, f"{P}store_seconds_count") == 5
     assert metric(after, f"{P}store_seconds_bucket", le="+Inf") == 5
     assert metric(after, f"{P}store_seconds_sum") > 0
+    # one association at a time: every instance committed on its own
+    assert metric(after, f"{P}index_commit_batch_size_count") == 5
+    assert metric(after, f"{P}index_commit_batch_size_bucket", le="1.0") == 5
 
 
 def test_a_failing_destination_shows_in_outcomes_queue_depth_age_and_dead_letters(

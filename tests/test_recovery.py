@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import threading
-import traceback
 from pathlib import Path
-from typing import Any
 
 import pytest
 from sqlalchemy import text
-from sqlalchemy.engine.base import RootTransaction
-from sqlalchemy.exc import OperationalError
 
 from gateway.index import repository
 from gateway.index.repository import AssociationFacts
@@ -18,6 +13,7 @@ from gateway.node import Node, StartupError
 from gateway.receiver import _Session
 from gateway.status import Status
 from tests.helpers.data import make_study
+from tests.helpers.faults import lose_connection_after_commit
 from tests.helpers.net import wait_until
 from tests.helpers.nodes import make_config, running_node, wait_uploaded
 from tests.helpers.scu import send_files
@@ -62,18 +58,9 @@ def test_a_commit_that_fails_after_reaching_the_database_loses_nothing(
 ) -> None:
     """The COMMIT is applied but the client sees an error: the sender gets 0xA700 and
     re-sends; the instance must end up stored once, with its bytes."""
-    original = RootTransaction.commit
-    armed = threading.Event()
-    armed.set()
-
-    def commit_then_lose_connection(self: Any) -> None:
-        original(self)
-        stack = "".join(traceback.format_stack())
-        if armed.is_set() and "ingest.py" in stack and "in _commit" in stack:
-            armed.clear()
-            raise OperationalError("COMMIT", {}, Exception("server closed the connection"))
-
-    monkeypatch.setattr(RootTransaction, "commit", commit_then_lose_connection)
+    lose_connection_after_commit(
+        monkeypatch, lambda stack: "ingest.py" in stack and "in _commit" in stack
+    )
     config = make_config(tmp_path, database_url)
     files = make_study(tmp_path / "study", 1)
     with running_node(config) as node:

@@ -137,7 +137,7 @@ class NodeProcess:
     env: dict[str, str] = field(default_factory=dict)
     start_new_session: bool = False
 
-    def start(self, timeout: float = 30.0) -> None:
+    def start(self, timeout: float = 60.0) -> None:
         """Start the node and return once it has logged ``node_started``: every
         listener (DICOM, HL7, HTTP) is then open."""
         started_before = self._started_count()
@@ -151,11 +151,17 @@ class NodeProcess:
             start_new_session=self.start_new_session,
         )
         log.close()
-        wait_for_port(self.port, timeout)
         process = self.process
-        wait_until(lambda: self._started_count() > started_before or process.poll() is not None,
-                   timeout, message="node_started")
-        assert process.poll() is None, f"the node exited with {process.returncode}"
+        try:
+            wait_for_port(self.port, timeout)
+            wait_until(
+                lambda: self._started_count() > started_before or process.poll() is not None,
+                timeout, message="node_started",
+            )
+            assert process.poll() is None, f"the node exited with {process.returncode}"
+        except BaseException:
+            self.stop()  # a node that did not start in time must not outlive the test
+            raise
 
     def _started_count(self) -> int:
         if not self.log_path.exists():
@@ -242,3 +248,4 @@ def engine_for(url: str) -> Engine:
 
 def elapsed_since(start: float) -> float:
     return time.monotonic() - start
+
