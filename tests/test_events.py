@@ -20,6 +20,7 @@ from sqlalchemy import create_engine, text
 
 import gateway.events.watcher as watcher_module
 from gateway.config import GatewayConfig
+from gateway.index import events as index_events
 from gateway.node import Node
 from tests.helpers import dcmtk, hl7
 from tests.helpers.data import make_study
@@ -446,6 +447,32 @@ def test_an_older_revision_waiting_for_a_retry_never_overwrites_a_newer_one(
         (study,) = fhir.resources["ImagingStudy"]
     assert study["numberOfInstances"] == 2
     assert study["meta"]["versionId"] == "1", "only the newest revision was sent"
+
+
+def test_a_revision_in_flight_when_a_newer_one_arrives_is_superseded_at_its_retry(
+    tmp_path: Path, database_url: str
+) -> None:
+    out = tmp_path / "events.jsonl"
+    sink = {"name": "local", "type": "file", "path": str(out), "retry": RETRY}
+    with events_node(tmp_path, database_url, [sink]) as node:
+        node.dispatcher.stop()  # drive the outbox by hand
+        (first,) = make_study(tmp_path / "a", 1)
+        assert dcmtk.storescu(node.receiver.port, [first]).ok
+        wait_until(lambda: deliveries(node) == {"pending": 1}, 10)
+        with node.engine.begin() as connection:  # v1 is out being tried...
+            connection.execute(text("UPDATE event_delivery SET state = 'in_flight'"))
+        late = make_study(tmp_path / "b", 1, study_uid=str(dcmread(first).StudyInstanceUID))
+        assert dcmtk.storescu(node.receiver.port, late).ok
+        wait_until(lambda: deliveries(node) == {"in_flight": 1, "pending": 1}, 10)
+        with node.engine.begin() as connection:  # ...fails, and comes back for a retry
+            connection.execute(text(
+                "UPDATE event_delivery SET state = 'pending' WHERE state = 'in_flight'"))
+            claimed = index_events.claim_deliveries(
+                connection, "local", owner=f"{node.name}:t", now=dt.datetime.now(dt.UTC),
+                lease=dt.timedelta(seconds=60), limit=10)
+        states = deliveries(node)
+    assert [delivery.version for delivery in claimed] == [2]
+    assert states == {"in_flight": 1, "superseded": 1}
 
 
 def test_file_sink_that_cannot_be_written_is_retried_until_it_can(

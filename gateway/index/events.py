@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
-from sqlalchemy import Connection, Table, desc, func, select, update
+from sqlalchemy import Connection, Table, desc, exists, func, select, update
 
 from gateway.events.fhir import (
     InstanceSummary,
@@ -275,18 +275,44 @@ def claim_deliveries(
     lease: dt.timedelta, limit: int,
 ) -> list[ClaimedDelivery]:
     d, e = delivery_table.c, event_table.c
+    newer_event, newer_delivery = event_table.alias("newer_event"), delivery_table.alias("newer")
+    superseded_by_newer = exists().where(
+        newer_delivery.c.event_id == newer_event.c.id,
+        newer_delivery.c.sink == d.sink,
+        newer_delivery.c.id > d.id,
+        newer_event.c.study_pk == e.study_pk,
+        newer_event.c.kind == e.kind,
+        newer_event.c.resource_key == e.resource_key,
+    )
     rows = connection.execute(
         select(d.id, d.event_id, d.sink, d.attempts, e.kind, e.resource_key, e.version,
-               e.study_instance_uid, e.payload, e.created_at)
+               e.study_instance_uid, e.payload, e.created_at,
+               superseded_by_newer.label("is_stale"))
         .join(event_table, e.id == d.event_id)
         .where(d.sink == sink, outbox.due(delivery_table, now))
         .order_by(d.id)
         .limit(limit)
         .with_for_update(skip_locked=True, of=delivery_table)
     ).all()
-    outbox.claim(connection, delivery_table, [r.id for r in rows], owner=owner,
+    # A delivery that was in flight when a newer revision of its resource was written
+    # escaped insert_events' supersession; if it failed and came back, it must never be
+    # sent: it could overwrite the newer revision.
+    stale = [row.id for row in rows if row.is_stale]
+    if stale:
+        connection.execute(
+            update(delivery_table)
+            .where(d.id.in_(stale))
+            .values(state=outbox.SUPERSEDED, lease_owner=None, lease_expires_at=None,
+                    updated_at=now, completed_at=now)
+        )
+    current = [row for row in rows if not row.is_stale]
+    outbox.claim(connection, delivery_table, [r.id for r in current], owner=owner,
                  until=now + lease, now=now)
-    return [ClaimedDelivery(**row._mapping) for row in rows]
+    fields = set(ClaimedDelivery.__dataclass_fields__)
+    return [
+        ClaimedDelivery(**{k: v for k, v in row._mapping.items() if k in fields})
+        for row in current
+    ]
 
 
 def dead_letter_unconfigured(
