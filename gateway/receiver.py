@@ -331,22 +331,23 @@ class Receiver:
         ):
             time.sleep(0.05)
         remaining = server.active_associations
-        aborted = 0
+        aborted = []
         for assoc in remaining:
             assoc_id = self._assoc_id(assoc)
             if assoc_id is not None:  # not a bare connection that never asked for anything
                 log.warning("association_aborted_at_stop", assoc_id=assoc_id)
-                aborted += 1
+                aborted.append(assoc)
             assoc.abort()
-        # Aborted associations end promptly; a connection still waiting for its
-        # A-ASSOCIATE-RQ only ends at its ACSE timeout and must not hold up the stop.
+        # Aborted associations end promptly. A bare connection (a port probe, a health
+        # check) waits for an A-ASSOCIATE-RQ until its ACSE timeout, even after its peer
+        # has closed: it holds nothing and is not waited for.
         give_up = time.monotonic() + 2.0
-        for assoc in remaining:
+        for assoc in aborted:
             assoc.join(timeout=max(0.0, give_up - time.monotonic()))
-        idle = len(remaining) - aborted
+        idle = len(remaining) - len(aborted)
         for handler in logging.getLogger().handlers:
             handler.removeFilter(self._log_filter)
-        log.info("listener_stopped", aborted=aborted, idle_connections_closed=idle)
+        log.info("listener_stopped", aborted=len(aborted), idle_connections_closed=idle)
 
     # --- association control ---------------------------------------------------------
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import signal
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,7 @@ from sqlalchemy import Engine, create_engine, text
 from tests.helpers import dcmtk
 from tests.helpers.data import make_study, write_large_instance
 from tests.helpers.net import LOOPBACK, port_open, wait_until
-from tests.helpers.nodes import node_process, wait_uploaded
+from tests.helpers.nodes import event_time, node_process, wait_uploaded
 from tests.helpers.scu import SendReport, send_files
 
 pytestmark = pytest.mark.integration
@@ -37,12 +36,10 @@ def test_sigterm_lets_the_association_in_flight_finish(
         )
         sender.start()
         wait_until(lambda: len(acknowledged) >= 10, 30)
-        stopped_at = time.monotonic()
         node.signal(signum)
         wait_until(lambda: not port_open(node.port), 5, message="the listener to close")
         sender.join(60)
         assert node.wait(30) == 0
-        assert time.monotonic() - stopped_at < 15
         (report,) = reports
         assert report.error is None
         assert [status for _, status in report.statuses] == [0] * 40
@@ -53,6 +50,12 @@ def test_sigterm_lets_the_association_in_flight_finish(
         assert expected in names
     stopped = next(e for e in events if e["event"] == "listener_stopped")
     assert stopped["aborted"] == 0
+    # The signal came while the association was in flight, and the node stopped as soon
+    # as it was released, not at the 30 s stop timeout.
+    signalled, released = event_time(events, "signal_received"), event_time(
+        events, "association_released")
+    assert signalled < released
+    assert (event_time(events, "node_stopped") - released).total_seconds() < 10
     accepted = [e for e in events if e["event"] == "association_accepted"]
     assert accepted and all("assoc_id" in e and e["calling_ae"] == "MODALITY" for e in accepted)
     engine = create_engine(database_url)
@@ -72,13 +75,18 @@ def test_sigterm_aborts_an_idle_association_after_the_stop_timeout(
         ae.add_requested_context(Verification)
         held = ae.associate(LOOPBACK, node.port, ae_title="GATEWAY")
         assert held.is_established
-        started = time.monotonic()
         node.signal(signal.SIGTERM)
         assert node.wait(30) == 0
-        assert time.monotonic() - started < 10
         wait_until(lambda: not held.is_established, 5)
         events = node.log_events()
-    assert any(e["event"] == "association_aborted_at_stop" for e in events)
+    # Aborted once the 2 s stop timeout ran out, then the node stopped promptly (a port
+    # probe's bare connection waiting for its A-ASSOCIATE-RQ does not hold it up).
+    waited = event_time(events, "association_aborted_at_stop") - event_time(
+        events, "signal_received")
+    assert 2.0 <= waited.total_seconds() < 10
+    stopping = event_time(events, "node_stopped") - event_time(
+        events, "association_aborted_at_stop")
+    assert stopping.total_seconds() < 5
 
 
 def test_restart_after_clean_stop_uploads_what_was_left_in_the_spool(

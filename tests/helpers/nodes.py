@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import signal
@@ -249,3 +250,7 @@ def engine_for(url: str) -> Engine:
 def elapsed_since(start: float) -> float:
     return time.monotonic() - start
 
+
+def event_time(events: list[dict[str, Any]], name: str) -> dt.datetime:
+    """When the node logged the first *name* event (JSON log lines)."""
+    return dt.datetime.fromisoformat(next(e for e in events if e["event"] == name)["timestamp"])
