@@ -79,7 +79,7 @@ typecheck: python-deps
 	$(BIN)/mypy
 
 pytest: test-setup postgres nats
-	$(BIN)/pytest -n 2 --cov --cov-report=term
+	$(BIN)/pytest -n 2 --durations=25 --cov --cov-report=term
 
 test: test-setup postgres nats lint typecheck pytest
 
