@@ -133,10 +133,12 @@ def test_fhir_sink_uses_conditional_updates_so_replays_never_duplicate(
             with node.engine.begin() as connection:  # replay everything
                 connection.execute(text("UPDATE event_delivery SET state = 'pending'"))
             node.dispatcher.wake()
-            wait_until(lambda: fhir.requests == 4, 15)
+            # The newest revision goes again; the older one must never follow it.
+            wait_until(lambda: deliveries(node) == {"done": 1, "superseded": 1}, 15)
+            wait_until(lambda: fhir.requests == 3, 15)
         (study,) = fhir.resources["ImagingStudy"]
     assert study["numberOfInstances"] == 3
-    assert study["meta"]["versionId"] == "4"
+    assert study["meta"]["versionId"] == "3"
     assert set(fhir.authorizations) == {"Bearer s3cret-token"}
 
 
