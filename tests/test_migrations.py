@@ -7,13 +7,16 @@ import time
 from typing import Any
 
 import pytest
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import inspect
+from sqlalchemy import func, inspect, select
 from sqlalchemy.exc import OperationalError
 
-from gateway.index.database import make_engine, migrate
-from gateway.index.schema import Base
+from gateway.index import repository
+from gateway.index.database import alembic_config, make_engine, migrate
+from gateway.index.repository import instance_table
+from gateway.index.schema import CURRENT_INSTANCE, Base
 
 
 def test_migrations_produce_the_declared_schema(database_url: str) -> None:
@@ -147,3 +150,57 @@ def test_sqlite_without_a_usable_lock_file_still_writes(tmp_path) -> None:  # ty
             connection.exec_driver_sql("INSERT INTO t VALUES (1)")
     engine.dispose()
     assert [entry["event"] for entry in logs] == ["database_write_lock_unavailable"]
+
+
+def _plan(connection: Any, statement: Any) -> str:
+    sql = str(statement.compile(connection, compile_kwargs={"literal_binds": True}))
+    if connection.dialect.name == "postgresql":
+        connection.exec_driver_sql("SET LOCAL enable_seqscan = off")  # the index if usable
+        return " ".join(row[0] for row in connection.exec_driver_sql(f"EXPLAIN {sql}"))
+    return " ".join(row[3] for row in connection.exec_driver_sql(f"EXPLAIN QUERY PLAN {sql}"))
+
+
+@pytest.mark.parametrize(("name", "statement", "index"), [
+    ("current version by SOP Instance UID (every C-STORE)",
+     lambda: repository._build_find_current().params(uid="1.2.3"),
+     "uq_instance_current_sop_instance_uid"),
+    ("current versions of files to import",
+     lambda: select(instance_table.c.sha256).where(
+         instance_table.c.sop_instance_uid.in_(["1.2.3", "1.2.4"]), CURRENT_INSTANCE),
+     "uq_instance_current_sop_instance_uid"),
+    ("unrouted count (metrics, dashboard)",
+     lambda: select(func.count()).where(
+         instance_table.c.routed.is_(False), instance_table.c.is_current.is_(True)),
+     "ix_instance_unrouted"),
+], ids=["find-current", "import-digests", "unrouted-count"])
+def test_the_lookups_the_lighter_indexes_must_serve_use_an_index(
+    database_url: str, name: str, statement: Any, index: str
+) -> None:
+    engine = make_engine(database_url)
+    try:
+        migrate(engine)
+        with engine.begin() as connection:
+            plan = _plan(connection, statement())
+    finally:
+        engine.dispose()
+    assert index in plan, f"{name}: {plan}"
+
+
+def test_the_lighter_index_migration_downgrades_and_upgrades(database_url: str) -> None:
+    engine = make_engine(database_url)
+    try:
+        migrate(engine)
+        config = alembic_config(engine)
+        command.downgrade(config, "0004")
+        with engine.connect() as connection:
+            before = {ix["name"] for ix in inspect(connection).get_indexes("instance")}
+        command.upgrade(config, "head")
+        with engine.connect() as connection:
+            after = {ix["name"] for ix in inspect(connection).get_indexes("instance")}
+    finally:
+        engine.dispose()
+    assert {"ix_instance_sop_instance_uid", "ix_instance_association_id",
+            "ix_instance_routed"} <= before
+    assert "ix_instance_unrouted" not in before
+    assert after == before - {"ix_instance_sop_instance_uid", "ix_instance_association_id",
+                              "ix_instance_routed"} | {"ix_instance_unrouted"}

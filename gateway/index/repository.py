@@ -19,7 +19,15 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from gateway.dicom.attributes import InstanceAttributes
 from gateway.index import outbox
-from gateway.index.schema import Association, ForwardJob, Instance, Patient, Series, Study
+from gateway.index.schema import (
+    CURRENT_INSTANCE,
+    Association,
+    ForwardJob,
+    Instance,
+    Patient,
+    Series,
+    Study,
+)
 
 patient_table = cast(Table, Patient.__table__)
 study_table = cast(Table, Study.__table__)
@@ -126,10 +134,10 @@ def _build_upsert_study(insert: Any) -> Any:
     newest = stmt.excluded
     return stmt.on_conflict_do_update(
         index_elements=[c.study_instance_uid],
+        # The indexed columns (patient, accession number, study date) are not set here:
+        # setting a column rewrites its index entry even to the same value, three pages
+        # per instance. _upsert_study updates them when they actually change.
         set_={
-            "patient_pk": newest.patient_pk,
-            "accession_number": func.coalesce(newest.accession_number, c.accession_number),
-            "study_date": func.coalesce(newest.study_date, c.study_date),
             "study_time": func.coalesce(newest.study_time, c.study_time),
             "study_description": func.coalesce(newest.study_description, c.study_description),
             "study_id": func.coalesce(newest.study_id, c.study_id),
@@ -143,7 +151,7 @@ def _build_upsert_study(insert: Any) -> Any:
             ),
             "change_seq": c.change_seq + 1,
         },
-    ).returning(c.id)
+    ).returning(c.id, c.patient_pk, c.accession_number, c.study_date)
 
 
 def _build_upsert_series(insert: Any) -> Any:
@@ -152,22 +160,21 @@ def _build_upsert_series(insert: Any) -> Any:
     newest = stmt.excluded
     return stmt.on_conflict_do_update(
         index_elements=[c.series_instance_uid],
+        # As for the study: the indexed study and modality are updated only on a change.
         set_={
-            "study_pk": newest.study_pk,
-            "modality": func.coalesce(newest.modality, c.modality),
             "series_number": func.coalesce(newest.series_number, c.series_number),
             "series_description": func.coalesce(newest.series_description, c.series_description),
             "body_part_examined": func.coalesce(newest.body_part_examined, c.body_part_examined),
             "last_received_at": newest.last_received_at,
         },
-    ).returning(c.id)
+    ).returning(c.id, c.study_pk, c.modality)
 
 
 def _build_find_current() -> Any:
     c = instance_table.c
     return (
         select(c.id, c.sha256, c.version, c.transfer_syntax_uid, c.state, c.spool_name)
-        .where(c.sop_instance_uid == bindparam("uid"), c.is_current.is_(True))
+        .where(c.sop_instance_uid == bindparam("uid"), CURRENT_INSTANCE)
         .with_for_update()
     )
 
@@ -218,7 +225,19 @@ def _upsert_study(
         "last_received_at": now,
         "change_seq": 1,
     }
-    return int(connection.execute(_statements(connection).upsert_study, values).scalar_one())
+    stored = connection.execute(_statements(connection).upsert_study, values).one()
+    changes = indexed_changes(
+        {"patient_pk": stored.patient_pk, "accession_number": stored.accession_number,
+         "study_date": stored.study_date},
+        {"patient_pk": patient_pk, "accession_number": attrs.accession_number,
+         "study_date": attrs.study_date},
+        replace=("patient_pk",),
+    )
+    if changes:
+        connection.execute(
+            update(study_table).where(study_table.c.id == stored.id).values(**changes)
+        )
+    return int(stored.id)
 
 
 def _upsert_series(
@@ -233,7 +252,33 @@ def _upsert_series(
         "body_part_examined": attrs.body_part_examined,
         "last_received_at": now,
     }
-    return int(connection.execute(_statements(connection).upsert_series, values).scalar_one())
+    stored = connection.execute(_statements(connection).upsert_series, values).one()
+    changes = indexed_changes(
+        {"study_pk": stored.study_pk, "modality": stored.modality},
+        {"study_pk": study_pk, "modality": attrs.modality},
+        replace=("study_pk",),
+    )
+    if changes:
+        connection.execute(
+            update(series_table).where(series_table.c.id == stored.id).values(**changes)
+        )
+    return int(stored.id)
+
+
+def indexed_changes(
+    stored: Mapping[str, Any], incoming: Mapping[str, Any], *, replace: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """The indexed columns an upsert must still update: a *replace* column takes the
+    incoming value; the others keep the stored one unless a new non-empty value arrives
+    (as ``coalesce(new, stored)``). Empty when nothing changes, as for almost every
+    instance after a study's first."""
+    changes = {}
+    for column, value in incoming.items():
+        if value is None and column not in replace:
+            continue
+        if value != stored[column]:
+            changes[column] = value
+    return changes
 
 
 def find_current(connection: Connection, sop_instance_uid: str) -> Any:

@@ -22,9 +22,11 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    literal_column,
     text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.sql.elements import ColumnElement
 
 
 class UTCDateTime(TypeDecorator[dt.datetime]):
@@ -147,10 +149,20 @@ class Instance(Base):
             postgresql_where=text("is_current"),
         ),
         Index("ix_instance_upload_queue", "state", "received_by", "next_upload_at"),
+        # Only the few unrouted rows: a routed instance writes no entry here.
+        Index(
+            "ix_instance_unrouted",
+            "routed",
+            sqlite_where=text("routed IS 0"),
+            postgresql_where=text("routed IS false"),
+        ),
     )
+    # Every index here is written for every received instance, so each one must pay for
+    # itself (issue: the index commit). Lookups by SOP Instance UID go through the partial
+    # unique index, and must say ``is_current`` as it does (see CURRENT below).
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
-    sop_instance_uid: Mapped[str] = mapped_column(index=True)
+    sop_instance_uid: Mapped[str]
     series_pk: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
     sop_class_uid: Mapped[str]
     instance_number: Mapped[int | None]
@@ -170,13 +182,13 @@ class Instance(Base):
     received_by: Mapped[str]
     calling_ae: Mapped[str]
     called_ae: Mapped[str]
-    association_id: Mapped[str | None] = mapped_column(String(36), index=True)
+    association_id: Mapped[str | None] = mapped_column(String(36))
     received_at: Mapped[dt.datetime] = mapped_column(index=True)
     stored_at: Mapped[dt.datetime | None]
     upload_attempts: Mapped[int] = mapped_column(default=0)
     next_upload_at: Mapped[dt.datetime | None]
     last_upload_error: Mapped[str | None] = mapped_column(Text)
-    routed: Mapped[bool | None] = mapped_column(Boolean, index=True)
+    routed: Mapped[bool | None] = mapped_column(Boolean)
     """False: no route matched (kept and reported as unrouted). NULL: not evaluated."""
     document_title: Mapped[str | None]
     """Documents (encapsulated PDF/CDA, SR): Document Title or the SR's concept name."""
@@ -186,6 +198,12 @@ class Instance(Base):
     sha1: Mapped[str | None] = mapped_column(String(40))
     """Documents only: SHA-1 of the stored object, for FHIR attachments."""
 
+
+
+CURRENT_INSTANCE: ColumnElement[Any] = literal_column("instance.is_current")
+"""``instance.is_current`` written exactly as the partial unique index states it. SQLite
+uses a partial index only for a query term identical to the index's condition (``is_current
+IS 1`` does not qualify), and no other index covers a lookup by SOP Instance UID."""
 
 class ForwardJob(Base):
     """The forwarding outbox: one obligation to deliver one instance version to one
