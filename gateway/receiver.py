@@ -331,23 +331,25 @@ class Receiver:
         ):
             time.sleep(0.05)
         remaining = server.active_associations
-        aborted = []
+        aborted = 0
         for assoc in remaining:
             assoc_id = self._assoc_id(assoc)
             if assoc_id is not None:  # not a bare connection that never asked for anything
                 log.warning("association_aborted_at_stop", assoc_id=assoc_id)
-                aborted.append(assoc)
+                aborted += 1
             assoc.abort()
-        # Aborted associations end promptly. A bare connection (a port probe, a health
-        # check) waits for an A-ASSOCIATE-RQ until its ACSE timeout, even after its peer
-        # has closed: it holds nothing and is not waited for.
+        # Aborted associations end promptly, and one released just now is still writing
+        # its association log: both are waited for. A bare connection (a port probe, a
+        # health check) waits for an A-ASSOCIATE-RQ until its ACSE timeout, even after
+        # its peer has closed: it holds nothing and is not waited for.
+        requested = [assoc for assoc in remaining if assoc.requestor.primitive is not None]
         give_up = time.monotonic() + 2.0
-        for assoc in aborted:
+        for assoc in requested:
             assoc.join(timeout=max(0.0, give_up - time.monotonic()))
-        idle = len(remaining) - len(aborted)
+        idle = len(remaining) - len(requested)
         for handler in logging.getLogger().handlers:
             handler.removeFilter(self._log_filter)
-        log.info("listener_stopped", aborted=len(aborted), idle_connections_closed=idle)
+        log.info("listener_stopped", aborted=aborted, idle_connections_closed=idle)
 
     # --- association control ---------------------------------------------------------
 

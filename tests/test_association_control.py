@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -232,3 +233,31 @@ def test_a_peer_closing_right_after_the_release_response_is_a_release(
         assert dcmtk.storescu(node.receiver.port, files).ok
     rows = _association_rows(node, expected=8)
     assert [row["outcome"] for row in rows] == ["released"] * 8
+
+
+def test_stop_waits_for_the_log_of_an_association_released_just_before(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gateway.receiver as receiver_module
+
+    finish = receiver_module.repository.finish_association
+    writing, written = threading.Event(), threading.Event()
+
+    def slow_finish(*args: Any, **kwargs: Any) -> None:
+        writing.set()
+        time.sleep(1.0)  # the release is logged while the stop begins
+        finish(*args, **kwargs)
+        written.set()
+
+    monkeypatch.setattr(receiver_module.repository, "finish_association", slow_finish)
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate(LOOPBACK, node.receiver.port, ae_title="GATEWAY")
+    assert assoc.is_established
+    assoc.release()
+    assert writing.wait(5)
+    node.receiver.stop(5.0)
+    # Returned only once the log was written: the process may exit right after.
+    assert written.is_set()
+    (row,) = _association_rows(node)
+    assert row["outcome"] == "released"
