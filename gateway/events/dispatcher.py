@@ -73,7 +73,7 @@ class SinkWorker:
                 continue
             try:
                 with self.engine.begin() as connection:
-                    claimed = events.claim_deliveries(
+                    claim = events.claim_deliveries(
                         connection, self.sink.name, owner=self.owner, now=self.clock(),
                         lease=_LEASE, limit=_BATCH,
                     )
@@ -82,6 +82,13 @@ class SinkWorker:
                           error=describe_error(exc))
                 self._stopping.wait(2.0)
                 continue
+            if claim.superseded:
+                log.info("event_deliveries_superseded", sink=self.sink.name,
+                         deliveries=claim.superseded,
+                         reason="a newer revision of the same resource is queued")
+                self.metrics.event_deliveries.labels(self.sink.name, "superseded").inc(
+                    claim.superseded)
+            claimed = claim.deliveries
             if not claimed:
                 self.wake.wait(_IDLE_POLL_SECONDS)
                 self.wake.clear()

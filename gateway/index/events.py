@@ -270,10 +270,24 @@ class ClaimedDelivery:
     created_at: dt.datetime
 
 
+@dataclass(frozen=True, slots=True)
+class Claim:
+    deliveries: list[ClaimedDelivery]
+    """Claimed under the lease, oldest first."""
+    superseded: int = 0
+    """Deliveries found stale on the way and superseded instead of claimed."""
+
+
 def claim_deliveries(
     connection: Connection, sink: str, *, owner: str, now: dt.datetime,
     lease: dt.timedelta, limit: int,
-) -> list[ClaimedDelivery]:
+) -> Claim:
+    """Claim up to *limit* due deliveries to *sink*.
+
+    A delivery that was in flight when a newer revision of its resource was written
+    escaped insert_events' supersession; if it failed and came back, it must never be
+    sent (it could overwrite the newer revision): it is superseded here instead.
+    """
     d, e = delivery_table.c, event_table.c
     newer_event, newer_delivery = event_table.alias("newer_event"), delivery_table.alias("newer")
     superseded_by_newer = exists().where(
@@ -284,7 +298,7 @@ def claim_deliveries(
         newer_event.c.kind == e.kind,
         newer_event.c.resource_key == e.resource_key,
     )
-    rows = connection.execute(
+    statement = (
         select(d.id, d.event_id, d.sink, d.attempts, e.kind, e.resource_key, e.version,
                e.study_instance_uid, e.payload, e.created_at,
                superseded_by_newer.label("is_stale"))
@@ -293,26 +307,30 @@ def claim_deliveries(
         .order_by(d.id)
         .limit(limit)
         .with_for_update(skip_locked=True, of=delivery_table)
-    ).all()
-    # A delivery that was in flight when a newer revision of its resource was written
-    # escaped insert_events' supersession; if it failed and came back, it must never be
-    # sent: it could overwrite the newer revision.
-    stale = [row.id for row in rows if row.is_stale]
-    if stale:
-        connection.execute(
-            update(delivery_table)
-            .where(d.id.in_(stale))
-            .values(state=outbox.SUPERSEDED, lease_owner=None, lease_expires_at=None,
-                    updated_at=now, completed_at=now)
-        )
-    current = [row for row in rows if not row.is_stale]
+    )
+    fields = set(ClaimedDelivery.__dataclass_fields__)
+    superseded = 0
+    while True:
+        rows = connection.execute(statement).all()
+        stale = [row.id for row in rows if row.is_stale]
+        if stale:
+            connection.execute(
+                update(delivery_table)
+                .where(d.id.in_(stale))
+                .values(state=outbox.SUPERSEDED, lease_owner=None, lease_expires_at=None,
+                        updated_at=now, completed_at=now)
+            )
+            superseded += len(stale)
+        current = [row for row in rows if not row.is_stale]
+        if current or len(rows) < limit:  # a batch all stale: look again at once
+            break
     outbox.claim(connection, delivery_table, [r.id for r in current], owner=owner,
                  until=now + lease, now=now)
-    fields = set(ClaimedDelivery.__dataclass_fields__)
-    return [
-        ClaimedDelivery(**{k: v for k, v in row._mapping.items() if k in fields})
-        for row in current
-    ]
+    return Claim(
+        [ClaimedDelivery(**{k: v for k, v in row._mapping.items() if k in fields})
+         for row in current],
+        superseded,
+    )
 
 
 def dead_letter_unconfigured(
