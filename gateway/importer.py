@@ -33,7 +33,7 @@ from gateway.acceptance import describe_rejection
 from gateway.dicom.header import HeaderError, read_file_meta
 from gateway.index.database import describe_error
 from gateway.index.repository import instance_table
-from gateway.index.schema import CURRENT_INSTANCE
+from gateway.index.schema import current_instance
 from gateway.status import StatusCategory, classify, describe
 from gateway.transfer import MAX_CONTEXTS, ProposedContext, contexts_for
 
@@ -133,7 +133,7 @@ def stored_digests(engine: Engine, sop_instance_uids: list[str]) -> dict[str, st
     with engine.connect() as connection:
         rows = connection.execute(
             select(i.sop_instance_uid, i.sha256).where(
-                i.sop_instance_uid.in_(sop_instance_uids), CURRENT_INSTANCE
+                i.sop_instance_uid.in_(sop_instance_uids), current_instance()
             )
         )
         return {row.sop_instance_uid: row.sha256 for row in rows}

@@ -16,7 +16,7 @@ from sqlalchemy.exc import OperationalError
 from gateway.index import repository
 from gateway.index.database import alembic_config, make_engine, migrate
 from gateway.index.repository import instance_table
-from gateway.index.schema import CURRENT_INSTANCE, Base
+from gateway.index.schema import Base, current_instance
 
 
 def test_migrations_produce_the_declared_schema(database_url: str) -> None:
@@ -166,7 +166,7 @@ def _plan(connection: Any, statement: Any) -> str:
      "uq_instance_current_sop_instance_uid"),
     ("current versions of files to import",
      lambda: select(instance_table.c.sha256).where(
-         instance_table.c.sop_instance_uid.in_(["1.2.3", "1.2.4"]), CURRENT_INSTANCE),
+         instance_table.c.sop_instance_uid.in_(["1.2.3", "1.2.4"]), current_instance()),
      "uq_instance_current_sop_instance_uid"),
     ("unrouted count (metrics, dashboard)",
      lambda: select(func.count()).where(

@@ -376,8 +376,11 @@ def requeue(
     if not (job_ids or destination or study_instance_uid):
         raise ValueError("requeue needs a job id, a destination or a study")
     c = job_table.c
-    current = select(instance_table.c.id).where(instance_table.c.is_current.is_(True))
-    conditions = [c.state == DEAD, c.instance_pk.in_(current)]
+    i = instance_table.c
+    # Correlated, so each dead job looks up its own instance by primary key (an IN over
+    # all current instances would read the whole table).
+    current = exists().where(i.id == c.instance_pk, i.is_current.is_(True))
+    conditions = [c.state == DEAD, current]
     if job_ids:
         conditions.append(c.id.in_(list(job_ids)))
     if destination:

@@ -20,13 +20,13 @@ from sqlalchemy.dialects import postgresql, sqlite
 from gateway.dicom.attributes import InstanceAttributes
 from gateway.index import outbox
 from gateway.index.schema import (
-    CURRENT_INSTANCE,
     Association,
     ForwardJob,
     Instance,
     Patient,
     Series,
     Study,
+    current_instance,
 )
 
 patient_table = cast(Table, Patient.__table__)
@@ -174,7 +174,7 @@ def _build_find_current() -> Any:
     c = instance_table.c
     return (
         select(c.id, c.sha256, c.version, c.transfer_syntax_uid, c.state, c.spool_name)
-        .where(c.sop_instance_uid == bindparam("uid"), CURRENT_INSTANCE)
+        .where(c.sop_instance_uid == bindparam("uid"), current_instance())
         .with_for_update()
     )
 

@@ -199,11 +199,13 @@ class Instance(Base):
     """Documents only: SHA-1 of the stored object, for FHIR attachments."""
 
 
+def current_instance(name: str = "instance") -> ColumnElement[Any]:
+    """``is_current`` of the instance table (or of its alias *name*), written exactly as
+    the partial unique index states it. SQLite uses a partial index only for a query term
+    identical to the index's condition (``is_current IS 1`` does not qualify), and no
+    other index covers a lookup by SOP Instance UID."""
+    return literal_column(f"{name}.is_current")
 
-CURRENT_INSTANCE: ColumnElement[Any] = literal_column("instance.is_current")
-"""``instance.is_current`` written exactly as the partial unique index states it. SQLite
-uses a partial index only for a query term identical to the index's condition (``is_current
-IS 1`` does not qualify), and no other index covers a lookup by SOP Instance UID."""
 
 class ForwardJob(Base):
     """The forwarding outbox: one obligation to deliver one instance version to one
