@@ -225,19 +225,9 @@ def _upsert_study(
         "last_received_at": now,
         "change_seq": 1,
     }
-    stored = connection.execute(_statements(connection).upsert_study, values).one()
-    changes = indexed_changes(
-        {"patient_pk": stored.patient_pk, "accession_number": stored.accession_number,
-         "study_date": stored.study_date},
-        {"patient_pk": patient_pk, "accession_number": attrs.accession_number,
-         "study_date": attrs.study_date},
-        replace=("patient_pk",),
-    )
-    if changes:
-        connection.execute(
-            update(study_table).where(study_table.c.id == stored.id).values(**changes)
-        )
-    return int(stored.id)
+    return _upsert(connection, _statements(connection).upsert_study, study_table, values,
+                   indexed=("patient_pk", "accession_number", "study_date"),
+                   replace=("patient_pk",))
 
 
 def _upsert_series(
@@ -252,16 +242,24 @@ def _upsert_series(
         "body_part_examined": attrs.body_part_examined,
         "last_received_at": now,
     }
-    stored = connection.execute(_statements(connection).upsert_series, values).one()
+    return _upsert(connection, _statements(connection).upsert_series, series_table, values,
+                   indexed=("study_pk", "modality"), replace=("study_pk",))
+
+
+def _upsert(
+    connection: Connection, statement: Any, table: Table, values: dict[str, Any], *,
+    indexed: tuple[str, ...], replace: tuple[str, ...],
+) -> int:
+    """Run an upsert that leaves the *indexed* columns alone (it returns their stored
+    values), then write those of them that changed; returns the row's id."""
+    stored = connection.execute(statement, values).one()
     changes = indexed_changes(
-        {"study_pk": stored.study_pk, "modality": stored.modality},
-        {"study_pk": study_pk, "modality": attrs.modality},
-        replace=("study_pk",),
+        {column: getattr(stored, column) for column in indexed},
+        {column: values[column] for column in indexed},
+        replace=replace,
     )
     if changes:
-        connection.execute(
-            update(series_table).where(series_table.c.id == stored.id).values(**changes)
-        )
+        connection.execute(update(table).where(table.c.id == stored.id).values(**changes))
     return int(stored.id)
 
 
