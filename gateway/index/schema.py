@@ -158,8 +158,8 @@ class Instance(Base):
         ),
     )
     # Every index here is written for every received instance, so each one must pay for
-    # itself (issue: the index commit). Lookups by SOP Instance UID go through the partial
-    # unique index, and must say ``is_current`` as it does (see CURRENT below).
+    # itself. Lookups by SOP Instance UID go through the partial unique index, and must
+    # state its condition exactly: use current_instance() below.
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
     sop_instance_uid: Mapped[str]
