@@ -23,6 +23,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from gateway import dimse_codec, dimse_reactor
 from gateway.backoff import retry_delay
 from gateway.config import DestinationConfig, MorphConfig
+from gateway.dicom import skip_value_validation_on_read
 from gateway.index import admin, queue
 from gateway.index.database import describe_error
 from gateway.index.outbox import Outcome
@@ -471,6 +472,7 @@ class Forwarder:
         _config.LOG_HANDLER_LEVEL = "none"
         dimse_reactor.install()  # no Nagle stalls or polling delays per instance sent
         dimse_codec.install()  # C-STORE-RQ command sets without pydicom datasets
+        skip_value_validation_on_read()  # no regular expression per UID per message
         now = self.settings.clock()
         with self.settings.engine.begin() as connection:
             released = queue.release_node_leases(connection, self.settings.node_name, now)

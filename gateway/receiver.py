@@ -44,6 +44,7 @@ from gateway.acceptance import (
     too_many_associations,
 )
 from gateway.config import NodeConfig
+from gateway.dicom import skip_value_validation_on_read
 from gateway.dicom.transfer_syntax import ACCEPTED_TRANSFER_SYNTAXES
 from gateway.index import repository
 from gateway.index.database import describe_error
@@ -120,6 +121,7 @@ def configure_pynetdicom(receive_dir: Path, max_pdu_length: int) -> None:
     dimse_reactor.install()
     # Encode the file meta group and the C-STORE-RSP directly, not through pydicom.
     dimse_codec.install()
+    skip_value_validation_on_read()
 
 
 class PynetdicomContext(logging.Filter):
