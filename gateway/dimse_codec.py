@@ -49,6 +49,7 @@ _DATA_FRAGMENT = b"\x00"
 _DATA_LAST_FRAGMENT = b"\x02"
 
 _UID = re.compile(r"[0-9.]{1,64}")
+_ERROR_COMMENT_MAX = 64  # (0000,0902) is LO
 _META_READ = 16 * 1024  # a meta group longer than this goes to pynetdicom's reader
 _original_split_dataset = _association.split_dataset
 
@@ -56,7 +57,7 @@ _install_lock = threading.Lock()
 _installed = False
 
 
-def _plain_uids(*values: object) -> bool:
+def plain_uids(*values: object) -> bool:
     """Every value a well-formed UID string (or absent): the fixed shape."""
     return all(value is None or (isinstance(value, str) and _UID.fullmatch(value) is not None)
                for value in values)
@@ -93,9 +94,11 @@ def _implicit(element: int, value: bytes) -> bytes:
 
 
 def c_store_rsp_command(*, message_id_being_responded_to: int, status: int,
-                        sop_class_uid: str | None, sop_instance_uid: str | None) -> bytes:
-    """A C-STORE-RSP command set without error comment or offending element, implicit VR
-    little endian (PS3.7 9.3.1.2, E.1), as pynetdicom encodes it."""
+                        sop_class_uid: str | None, sop_instance_uid: str | None,
+                        error_comment: str | None = None) -> bytes:
+    """A C-STORE-RSP command set without offending element, implicit VR little endian
+    (PS3.7 9.3.1.2, E.1), as pynetdicom encodes it. An error comment (LO) is cut to its
+    64 characters; a character outside ASCII becomes ``?``."""
     elements = []
     if sop_class_uid is not None:
         elements.append(_implicit(0x0002, _padded(sop_class_uid, b"\x00")))
@@ -103,6 +106,9 @@ def c_store_rsp_command(*, message_id_being_responded_to: int, status: int,
     elements.append(_implicit(0x0120, struct.pack("<H", message_id_being_responded_to)))
     elements.append(_implicit(0x0800, struct.pack("<H", _NO_DATA_SET)))
     elements.append(_implicit(0x0900, struct.pack("<H", status)))
+    if error_comment:
+        comment = error_comment[:_ERROR_COMMENT_MAX].encode("ascii", "replace")
+        elements.append(_implicit(0x0902, comment + b" " if len(comment) % 2 else comment))
     if sop_instance_uid is not None:
         elements.append(_implicit(0x1000, _padded(sop_instance_uid, b"\x00")))
     body = b"".join(elements)
@@ -149,7 +155,7 @@ def _fast_c_store_rq(provider: Any, primitive: Any, context_id: int) -> bool:
         or primitive.MoveOriginatorApplicationEntityTitle is not None
         or primitive.MoveOriginatorMessageID is not None
         or provider.assoc.get_handlers(evt.EVT_DIMSE_SENT)
-        or not _plain_uids(primitive.AffectedSOPClassUID, primitive.AffectedSOPInstanceUID)
+        or not plain_uids(primitive.AffectedSOPClassUID, primitive.AffectedSOPInstanceUID)
         or primitive.AffectedSOPClassUID is None
         or primitive.AffectedSOPInstanceUID is None
     ):
@@ -220,7 +226,7 @@ def _fast_c_store_rsp(provider: Any, primitive: Any, context_id: int) -> bool:
         or primitive.ErrorComment is not None
         or primitive.OffendingElement is not None
         or provider.assoc.get_handlers(evt.EVT_DIMSE_SENT)
-        or not _plain_uids(primitive.AffectedSOPClassUID, primitive.AffectedSOPInstanceUID)
+        or not plain_uids(primitive.AffectedSOPClassUID, primitive.AffectedSOPInstanceUID)
     ):
         return False
     command = c_store_rsp_command(
@@ -251,7 +257,7 @@ def install() -> bool:
         def create_file_meta(**kwargs: Any) -> Any:
             uids = (kwargs.get("sop_class_uid"), kwargs.get("sop_instance_uid"),
                     kwargs.get("transfer_syntax"), kwargs.get("implementation_uid"))
-            if not _plain_uids(*uids):
+            if not plain_uids(*uids):
                 return original_create(**kwargs)
             try:
                 return _FileMeta(

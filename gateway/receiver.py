@@ -8,6 +8,7 @@ write the association log.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import logging
 import socket
 import tempfile
@@ -34,6 +35,7 @@ from gateway import (
     IMPLEMENTATION_VERSION_NAME,
     dimse_codec,
     dimse_reactor,
+    store_lane,
 )
 from gateway.acceptance import (
     AcceptancePolicy,
@@ -122,6 +124,8 @@ def configure_pynetdicom(receive_dir: Path, max_pdu_length: int) -> None:
     # Encode the file meta group and the C-STORE-RSP directly, not through pydicom.
     dimse_codec.install()
     skip_value_validation_on_read()
+    # Established associations' C-STOREs received and answered on their DUL thread.
+    store_lane.install()
 
 
 class PynetdicomContext(logging.Filter):
@@ -403,6 +407,11 @@ class Receiver:
             assoc.kill()
             return
         assoc.acceptor.supported_contexts = negotiable_contexts(assoc.requestor.requested_contexts)
+        store_lane.attach(assoc, store_lane.StoreLane(
+            self.ingestor.spool.incoming,
+            functools.partial(self._store, assoc),
+            {"assoc_id": facts.association_id, "calling_ae": facts.calling_ae},
+        ))
 
     def _on_rejected_by_provider(self, event: Any) -> None:
         # pynetdicom's own rejections (an unsupported application context, or its
@@ -542,18 +551,22 @@ class Receiver:
         return int(Status.SUCCESS)
 
     def _on_c_store(self, event: Any) -> Dataset | int:
-        session = self._sessions.get(event.assoc)
         request = event.request
-        sop_instance_uid = str(request.AffectedSOPInstanceUID)
         path = getattr(request, "_dataset_path", None)
         if path is None:
             return _status_dataset(Status.CANNOT_UNDERSTAND, "C-STORE without a data set")
-        received = ReceivedInstance(
+        status, comment = self._store(event.assoc, ReceivedInstance(
             path=Path(path),
             sop_class_uid=str(request.AffectedSOPClassUID),
-            sop_instance_uid=sop_instance_uid,
+            sop_instance_uid=str(request.AffectedSOPInstanceUID),
             transfer_syntax_uid=str(event.context.transfer_syntax),
-        )
+        ))
+        return _status_dataset(Status(status), comment) if comment else status
+
+    def _store(self, assoc: Any, received: ReceivedInstance) -> tuple[int, str | None]:
+        """Store an instance received on *assoc* (from pynetdicom's C-STORE event or the
+        association's :mod:`~gateway.store_lane`); the status and error comment to send."""
+        session = self._sessions.get(assoc)
         facts = session.facts if session else None
         sender = Sender(
             calling_ae=facts.calling_ae if facts else "",
@@ -565,7 +578,7 @@ class Receiver:
         try:
             result = self.ingestor.store(received, sender)
         except Exception as exc:  # noqa: BLE001 - answered 0x0110, logged without the message
-            log.error("c_store_internal_error", sop_instance_uid=sop_instance_uid,
+            log.error("c_store_internal_error", sop_instance_uid=received.sop_instance_uid,
                       **failure_fields(exc))
             self.ingestor.spool.discard_received(received.path)
             result = StoreResult(Status.PROCESSING_FAILURE, error_comment="internal error")
@@ -576,14 +589,17 @@ class Receiver:
             self.metrics.bytes.inc(result.size)
         if session is not None:
             session.count(result)
-        _log_store(result, sop_instance_uid)
+        _log_store(result, received.sop_instance_uid)
         if result.error_comment and not result.ok:
-            return _status_dataset(result.status, result.error_comment)
-        return int(result.status)
+            return int(result.status), result.error_comment[:_ERROR_COMMENT_MAX]
+        return int(result.status), None
 
 
 def _discard_partial_dataset(assoc: Any) -> None:
     """Remove the file of a dataset whose transfer was cut off by an abort."""
+    lane = store_lane.lane_of(assoc)
+    if lane is not None:
+        lane.discard_partial()
     message = getattr(getattr(assoc, "dimse", None), "message", None)
     path = getattr(message, "_data_set_path", None)
     if path is not None:

@@ -93,9 +93,9 @@ def test_c_store_rsp_is_encoded_as_pynetdicom_encodes_it(
     ((b"1.2.3",), False),
 ])
 def test_only_plain_uids_take_the_hand_encoders(values: tuple[object, ...], plain: bool) -> None:
-    from gateway.dimse_codec import _plain_uids
+    from gateway.dimse_codec import plain_uids
 
-    assert _plain_uids(*values) is plain
+    assert plain_uids(*values) is plain
 
 
 # --- sending ---------------------------------------------------------------------------

@@ -5,12 +5,13 @@ It speaks just enough of PS3.8 to open an association and then misbehave on purp
 
 from __future__ import annotations
 
+import io
 import socket
 import struct
 from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
-from pynetdicom.dsutils import encode
+from pynetdicom.dsutils import decode, encode
 from pynetdicom.pdu import A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import (
     A_ASSOCIATE,
@@ -26,8 +27,9 @@ EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
 
 
 def associate_rq(calling: str, called: str, abstract: str = CT_IMAGE_STORAGE,
-                 syntax: str = EXPLICIT_VR_LITTLE_ENDIAN) -> bytes:
-    """An A-ASSOCIATE-RQ PDU proposing one context (ID 1)."""
+                 syntax: str = EXPLICIT_VR_LITTLE_ENDIAN, max_length: int = 16384) -> bytes:
+    """An A-ASSOCIATE-RQ PDU proposing one context (ID 1); *max_length*: the largest
+    PDU the parrot accepts."""
     primitive = A_ASSOCIATE()
     primitive.application_context_name = "1.2.840.10008.3.1.1.1"
     primitive.calling_ae_title = calling
@@ -35,11 +37,11 @@ def associate_rq(calling: str, called: str, abstract: str = CT_IMAGE_STORAGE,
     context = build_context(abstract, [syntax])
     context.context_id = 1
     primitive.presentation_context_definition_list = [context]
-    max_length = MaximumLengthNotification()
-    max_length.maximum_length_received = 16384
+    max_pdu = MaximumLengthNotification()
+    max_pdu.maximum_length_received = max_length
     implementation = ImplementationClassUIDNotification()
     implementation.implementation_class_uid = "1.2.826.0.1.3680043.8.498.1"
-    primitive.user_information = [max_length, implementation]
+    primitive.user_information = [max_pdu, implementation]
     pdu = A_ASSOCIATE_RQ()
     pdu.from_primitive(primitive)
     return bytes(pdu.encode())
@@ -47,8 +49,14 @@ def associate_rq(calling: str, called: str, abstract: str = CT_IMAGE_STORAGE,
 
 def p_data(context_id: int, control: int, payload: bytes) -> bytes:
     """A P-DATA-TF PDU with one PDV (control: bit 0 command, bit 1 last fragment)."""
-    pdv = struct.pack(">LBB", len(payload) + 2, context_id, control) + payload
-    return struct.pack(">BBL", 0x04, 0, len(pdv)) + pdv
+    return p_data_items((context_id, control, payload))
+
+
+def p_data_items(*items: tuple[int, int, bytes]) -> bytes:
+    """A P-DATA-TF PDU with a PDV for each (context ID, control, payload)."""
+    body = b"".join(struct.pack(">LBB", len(payload) + 2, context_id, control) + payload
+                    for context_id, control, payload in items)
+    return struct.pack(">BBL", 0x04, 0, len(body)) + body
 
 
 def c_store_command(sop_class: str, sop_instance: str, message_id: int = 1) -> bytes:
@@ -104,6 +112,20 @@ class Parrot:
                 return None
             data += chunk
         return data
+
+    def receive_command(self) -> Dataset:
+        """The next DIMSE command set from the node, its fragments joined."""
+        encoded = b""
+        while True:
+            pdu = self.receive_pdu()
+            assert pdu is not None and pdu[0] == 0x04, f"expected P-DATA-TF, got {pdu!r}"
+            body, position = pdu[1], 0
+            while position < len(body):
+                length, _, control = struct.unpack_from(">LBB", body, position)
+                encoded += body[position + 6:position + 4 + length]
+                position += 4 + length
+                if control == 0b11:
+                    return decode(io.BytesIO(encoded), True, True)
 
     def answered_with_abort(self) -> bool:
         """True when the next thing from the node is an A-ABORT PDU or a closed connection."""

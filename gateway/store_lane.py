@@ -1,0 +1,458 @@
+"""The C-STORE lane: an established association's C-STOREs received, stored and
+answered on its DUL thread, without pynetdicom's per-message machinery.
+
+For every P-DATA-TF PDU pynetdicom builds PDU, PDV and primitive objects, hands them
+through its state machine to the DIMSE provider, decodes the command set into a pydicom
+dataset, converts it to a primitive with validated attributes, queues the message for
+the association's own thread, wakes that thread, builds a response primitive there and
+queues it back to the DUL thread to be encoded and sent. For a small instance that was
+most of the listener's interpreter time outside the storage handler.
+
+Once an association is accepted, the listener attaches a :class:`StoreLane` to it. Its
+DUL thread then reads each PDU as pynetdicom does (same checks, same state machine
+events for anything that is not data) and gives P-DATA-TF PDUs to the lane, which:
+
+- takes a message whose command set arrives whole in one PDV and is a plain C-STORE-RQ
+  (:func:`parse_store_command`) on an accepted context of the same SOP class: it writes
+  the Part 10 preamble and file meta group, then each data fragment as it arrives,
+  straight from the received PDU into a file in the spool's ``incoming/`` directory;
+- on the last fragment calls the listener's storage function (the same one pynetdicom's
+  C-STORE event calls: durable, indexed, then a status) and sends the C-STORE-RSP itself;
+- hands every other PDV to pynetdicom's DIMSE provider, one at a time, as pynetdicom's
+  own P-DATA action would: C-ECHO, a command set split over several PDVs, a command set
+  with elements outside the plain C-STORE shape, a message already started there.
+
+A PDV that breaks PS3.8 inside a message the lane holds (a command fragment in the
+middle of a data set, a data fragment for another context, a malformed item) is what
+pynetdicom treats as an invalid PDU: the association is aborted (Evt19) and the partial
+file removed. A spool write that fails mid-dataset does not abort: the rest of the data
+set is read and discarded and the C-STORE is answered Out of Resources. Nothing else
+about the association changes: negotiation, release, abort, timers and the association
+thread stay pynetdicom's.
+
+The lane is used only with the pynetdicom versions it was tested with
+(:data:`gateway.dimse_reactor.SUPPORTED_VERSIONS`) and only when no handler is bound to
+the PDU, data, DIMSE-message or state-machine events it bypasses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import struct
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pynetdicom
+import structlog
+from pynetdicom import dul as _dul
+from pynetdicom import evt
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.pdu_primitives import P_DATA
+
+from gateway.dimse_codec import c_store_rsp_command, file_meta_bytes, plain_uids
+from gateway.dimse_reactor import SUPPORTED_VERSIONS
+from gateway.ingest import ReceivedInstance
+from gateway.logs import failure_fields, get_logger
+from gateway.status import Status
+
+log = get_logger(__name__)
+
+_PREAMBLE = b"\x00" * 128 + b"DICM"
+_PDU_TYPES = frozenset(range(0x01, 0x08))
+_P_DATA_TF = 0x04
+_COMMAND = 0x01
+_LAST = 0x02
+_C_STORE_RQ = 0x0001
+_NO_DATA_SET = 0x0101
+_HANDLER_FAILED = 0xC211  # what pynetdicom answers when the C-STORE handler raises
+_BYPASSED_EVENTS = (
+    evt.EVT_PDU_RECV, evt.EVT_PDU_SENT, evt.EVT_DATA_RECV, evt.EVT_DATA_SENT,
+    evt.EVT_DIMSE_RECV, evt.EVT_DIMSE_SENT, evt.EVT_FSM_TRANSITION,
+)
+_US_ELEMENTS = frozenset({0x0100, 0x0110, 0x0700, 0x0800, 0x1031})
+_COMMAND_ELEMENTS = _US_ELEMENTS | {0x0000, 0x0002, 0x1000, 0x1030}
+
+Serve = Callable[[ReceivedInstance], tuple[int, str | None]]
+"""Stores a received instance; returns the status to answer and an error comment."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoreCommand:
+    """The parts of a plain C-STORE-RQ command set the lane needs."""
+
+    message_id: int
+    sop_class_uid: str
+    sop_instance_uid: str
+
+
+def parse_store_command(encoded: bytes | memoryview) -> StoreCommand | None:
+    """A C-STORE-RQ with a data set, read from its command set (implicit VR little
+    endian, PS3.7 E.1); None for anything else, which pynetdicom then decodes.
+
+    "Anything else" is: another command, no data set, an element that is not part of a
+    C-STORE-RQ (or appears twice), a missing required element, a value of the wrong
+    size, a priority other than 0, 1 or 2, a UID that is not plain digits and dots, or
+    an encoding that runs past its end. The Move Originator elements are allowed and not
+    used; the group length is not checked (pynetdicom does not either).
+    """
+    view = memoryview(encoded)
+    values: dict[int, bytes] = {}
+    position, end = 0, len(view)
+    while position < end:
+        if end - position < 8:
+            return None
+        group, element, length = struct.unpack_from("<HHI", view, position)
+        position += 8
+        if (group != 0x0000 or element not in _COMMAND_ELEMENTS or element in values
+                or length > end - position):
+            return None
+        values[element] = bytes(view[position:position + length])
+        position += length
+    numbers: dict[int, int] = {}
+    for element in _US_ELEMENTS & values.keys():
+        if len(values[element]) != 2:
+            return None
+        numbers[element] = struct.unpack("<H", values[element])[0]
+    if (numbers.get(0x0100) != _C_STORE_RQ or 0x0110 not in numbers
+            or numbers.get(0x0700) not in (0, 1, 2)
+            or numbers.get(0x0800, _NO_DATA_SET) == _NO_DATA_SET):
+        return None
+    sop_class = _uid(values.get(0x0002))
+    sop_instance = _uid(values.get(0x1000))
+    if sop_class is None or sop_instance is None:
+        return None
+    return StoreCommand(numbers[0x0110], sop_class, sop_instance)
+
+
+def _uid(value: bytes | None) -> str | None:
+    if value is None:
+        return None
+    try:
+        text = value.decode("ascii").rstrip("\x00 ")
+    except UnicodeDecodeError:
+        return None
+    return text if plain_uids(text) else None
+
+
+def c_store_rsp_pdu(context_id: int, command: bytes) -> bytes:
+    """A P-DATA-TF PDU holding one PDV: a whole command set (PS3.8 9.3.5, E.2)."""
+    return struct.pack(">BBLLBB", _P_DATA_TF, 0, len(command) + 6, len(command) + 2,
+                       context_id, _COMMAND | _LAST) + command
+
+
+@dataclass(slots=True)
+class _Message:
+    """A C-STORE the lane is receiving."""
+
+    context_id: int
+    command: StoreCommand
+    transfer_syntax: str
+    path: Path | None = None
+    fd: int | None = None
+    error: str | None = None
+
+
+class ProtocolError(Exception):
+    """The peer broke PS3.8 inside a message the lane holds."""
+
+
+def pdv_items(body: bytes | bytearray) -> Iterator[tuple[int, int, memoryview]]:
+    """The presentation data value items of a P-DATA-TF PDU's *body* (PS3.8 9.3.5):
+    context ID, message control header, and the PDV (control header then fragment).
+    Raises :class:`ProtocolError` at an item that does not fit the PDU."""
+    view = memoryview(body)
+    position, end = 0, len(view)
+    while position < end:
+        if end - position < 6:
+            raise ProtocolError("truncated presentation data value item")
+        length = struct.unpack_from(">L", view, position)[0]
+        if length < 2 or length > end - position - 4:
+            raise ProtocolError("presentation data value item length out of range")
+        yield view[position + 4], view[position + 5], view[position + 5:position + 4 + length]
+        position += 4 + length
+
+
+@dataclass
+class StoreLane:
+    """One association's lane. Everything but :meth:`discard_partial` runs on the
+    association's DUL thread."""
+
+    incoming: Path
+    serve: Serve
+    log_context: dict[str, str] = field(default_factory=dict)
+    served: int = 0
+    """C-STOREs answered by the lane (for tests and diagnostics)."""
+    _message: _Message | None = None
+    _partial: Path | None = None
+    _broken: bool = False
+    _bound: bool = False
+
+    # --- called from the DUL thread ------------------------------------------------------
+
+    def takes(self, dul: Any) -> bool:
+        """Whether the lane reads the next P-DATA-TF: the association is established
+        (Sta6, and pynetdicom has finished accepting it: its association thread serves
+        nothing before that either) and nothing received before it is still waiting for
+        pynetdicom."""
+        if self._broken or dul.state_machine.current_state != "Sta6":
+            return False
+        if self._message is not None:
+            return True
+        return dul.assoc.is_established and dul.event_queue.empty() and dul._recv_pdu.empty()
+
+    def receive(self, dul: Any, body: bytearray) -> None:
+        """Handle the PDV items of one P-DATA-TF PDU (*body*: the PDU after its header)."""
+        if not self._bound:
+            structlog.contextvars.bind_contextvars(**self.log_context)
+            self._bound = True
+        try:
+            for context_id, control, pdv in pdv_items(body):
+                if self._message is not None:
+                    self._data(dul, context_id, control, pdv[1:])
+                elif not (control & _COMMAND and control & _LAST
+                          and dul.assoc.dimse.message is None
+                          and self._start(dul, context_id, pdv[1:])):
+                    _to_pynetdicom(dul, context_id, pdv)
+        except ProtocolError as exc:
+            self._broken = True
+            self.close()
+            log.warning("dimse_protocol_error", reason=str(exc))
+            dul.event_queue.put("Evt19")  # pynetdicom's invalid-PDU event: A-ABORT
+
+    def close(self) -> None:
+        """Remove the file of a message that did not complete (the association ended)."""
+        message, self._message = self._message, None
+        if message is not None:
+            _drop_file(message)
+
+    # --- called from any thread -------------------------------------------------------
+
+    def discard_partial(self) -> None:
+        """Remove the file being received, if any (the association was aborted)."""
+        partial = self._partial
+        if partial is not None:
+            partial.unlink(missing_ok=True)
+
+    # --- internals ------------------------------------------------------------------
+
+    def _start(self, dul: Any, context_id: int, data: memoryview) -> bool:
+        command = parse_store_command(data)
+        if command is None:
+            return False
+        context = dul.assoc._accepted_cx.get(context_id)
+        if context is None or str(context.abstract_syntax) != command.sop_class_uid:
+            return False  # pynetdicom answers (or aborts) as it always has
+        syntax = str(context.transfer_syntax[0]) if context.transfer_syntax else ""
+        if not plain_uids(syntax):
+            return False
+        message = _Message(context_id, command, syntax)
+        try:
+            fd, name = tempfile.mkstemp(suffix=".dcm", dir=self.incoming)
+            message.fd, message.path = fd, Path(name)
+            self._partial = message.path
+            _write_all(fd, _PREAMBLE + file_meta_bytes(
+                sop_class_uid=command.sop_class_uid,
+                sop_instance_uid=command.sop_instance_uid,
+                transfer_syntax=syntax,
+                implementation_uid=pynetdicom.PYNETDICOM_IMPLEMENTATION_UID,
+                implementation_version=pynetdicom.PYNETDICOM_IMPLEMENTATION_VERSION,
+            ))
+        except OSError as exc:
+            _failed(message, exc)
+        self._message = message
+        return True
+
+    def _data(self, dul: Any, context_id: int, control: int, data: memoryview) -> None:
+        message = self._message
+        assert message is not None
+        if control & _COMMAND:
+            raise ProtocolError("command fragment inside a data set")
+        if context_id != message.context_id:
+            raise ProtocolError("data fragment for another presentation context")
+        if message.fd is not None:
+            try:
+                _write_all(message.fd, data)
+            except OSError as exc:
+                _failed(message, exc)
+        if control & _LAST:
+            self._message = None
+            self._finish(dul, message)
+
+    def _finish(self, dul: Any, message: _Message) -> None:
+        if message.fd is not None:
+            fd, message.fd = message.fd, None
+            try:
+                os.close(fd)
+            except OSError as exc:
+                _failed(message, exc)
+        status, comment = int(Status.OUT_OF_RESOURCES), message.error
+        if message.error is None and message.path is not None:
+            command = message.command
+            try:
+                status, comment = self.serve(ReceivedInstance(
+                    message.path, command.sop_class_uid, command.sop_instance_uid,
+                    message.transfer_syntax,
+                ))
+            except Exception as exc:  # noqa: BLE001 - answered as pynetdicom answers it
+                log.error("c_store_internal_error",
+                          sop_instance_uid=command.sop_instance_uid, **failure_fields(exc))
+                message.path.unlink(missing_ok=True)
+                status, comment = _HANDLER_FAILED, None
+        self._partial = None
+        self.served += 1
+        dul._idle_timer.restart()  # the wait for our answer is not the peer being idle
+        if dul.assoc.is_established and not dul._kill_thread:
+            _respond(dul, message, status, comment)
+
+
+def _failed(message: _Message, exc: OSError) -> None:
+    if message.error is None:
+        log.error("spool_write_failed", error=str(exc))
+        message.error = "spool write failed"
+    _drop_file(message)
+
+
+def _drop_file(message: _Message) -> None:
+    fd, message.fd = message.fd, None
+    if fd is not None:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    if message.path is not None:
+        message.path.unlink(missing_ok=True)
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _to_pynetdicom(dul: Any, context_id: int, value: memoryview) -> None:
+    """Give one PDV (control header and fragment) to pynetdicom's DIMSE provider, as
+    its P-DATA action (DT-2) would."""
+    primitive = P_DATA()
+    primitive.presentation_data_value_list.append((context_id, bytes(value)))
+    dul.assoc.dimse.receive_primitive(primitive)
+
+
+def _respond(dul: Any, message: _Message, status: int, comment: str | None) -> None:
+    command = message.command
+    encoded = c_store_rsp_command(
+        message_id_being_responded_to=command.message_id, status=status,
+        sop_class_uid=command.sop_class_uid, sop_instance_uid=command.sop_instance_uid,
+        error_comment=comment,
+    )
+    limit = dul.assoc.dimse.maximum_pdu_size
+    if not limit or len(encoded) + 6 <= limit:
+        dul.socket.send(c_store_rsp_pdu(message.context_id, encoded))
+        return
+    # A peer accepting PDUs too small for a whole command set: pynetdicom fragments it.
+    response = C_STORE()
+    response.MessageIDBeingRespondedTo = command.message_id
+    response.AffectedSOPClassUID = command.sop_class_uid
+    response.AffectedSOPInstanceUID = command.sop_instance_uid
+    response.Status = status
+    if comment:
+        response.ErrorComment = comment[:64]
+    dul.assoc.dimse.send_msg(response, message.context_id)
+
+
+# --- wiring ----------------------------------------------------------------------------
+
+_install_lock = threading.Lock()
+_installed = False
+
+
+def attach(assoc: Any, lane: StoreLane) -> bool:
+    """Give *assoc*'s P-DATA to *lane* from now on; False (nothing changed) when the
+    lane is not installed or a handler is bound to an event the lane bypasses."""
+    if not _installed or any(assoc.get_handlers(event) for event in _BYPASSED_EVENTS):
+        return False
+    assoc.dul._gateway_lane = lane
+    return True
+
+
+def lane_of(assoc: Any) -> StoreLane | None:
+    """The lane attached to *assoc*, if any."""
+    lane: StoreLane | None = getattr(getattr(assoc, "dul", None), "_gateway_lane", None)
+    return lane
+
+
+def install() -> bool:
+    """Route attached associations' PDUs through their lane (idempotent). False when
+    this pynetdicom version is not one the lane was tested with."""
+    global _installed  # noqa: PLW0603 - pynetdicom's DUL class is process-wide
+    with _install_lock:
+        if _installed:
+            return True
+        if getattr(pynetdicom, "__version__", "") not in SUPPORTED_VERSIONS:
+            return False
+        provider = _dul.DULServiceProvider
+        original_read = provider._read_pdu_data
+        original_run = provider.run_reactor
+
+        def read_pdu_data(self: Any) -> None:
+            lane: StoreLane | None = getattr(self, "_gateway_lane", None)
+            if lane is None:
+                original_read(self)
+                return
+            _read_pdu(self, lane)
+
+        def run_reactor(self: Any) -> None:
+            try:
+                original_run(self)
+            finally:
+                lane: StoreLane | None = getattr(self, "_gateway_lane", None)
+                if lane is not None:
+                    lane.close()
+
+        provider._read_pdu_data = read_pdu_data
+        provider.run_reactor = run_reactor
+        _installed = True
+        return True
+
+
+def _read_pdu(dul: Any, lane: StoreLane) -> None:
+    """pynetdicom's ``_read_pdu_data`` (same reads, same events on failure), with
+    P-DATA-TF PDUs given to *lane* when it takes them."""
+    received = _receive_pdu(dul)
+    if received is None:
+        return
+    pdu_type, header, body = received
+    if pdu_type == _P_DATA_TF and lane.takes(dul):
+        lane.receive(dul, body)
+        return
+    try:
+        pdu, event = dul._decode_pdu(bytearray(header) + body)
+    except Exception:  # noqa: BLE001 - as pynetdicom: an undecodable PDU aborts
+        log.warning("dimse_undecodable_pdu", pdu_type=f"0x{pdu_type:02X}")
+        dul.event_queue.put("Evt19")
+        return
+    dul.event_queue.put(event)
+    dul._recv_pdu.put(pdu)
+
+
+def _receive_pdu(dul: Any) -> tuple[int, bytes, bytearray] | None:
+    """One whole PDU from the socket (type, header, body); None after queueing the
+    state machine event for a connection that closed (Evt17) or an unknown PDU type
+    (Evt19), as pynetdicom does."""
+    try:
+        header = bytes(dul.socket.recv(6))
+        pdu_type, _, length = struct.unpack(">BBL", header)
+        if pdu_type not in _PDU_TYPES:
+            log.warning("dimse_unknown_pdu_type", pdu_type=f"0x{pdu_type:02X}")
+            dul.event_queue.put("Evt19")
+            return None
+        body: bytearray = dul.socket.recv(length)
+    except (OSError, TimeoutError, struct.error):
+        dul.event_queue.put("Evt17")  # closed (or cut short) before a whole PDU arrived
+        return None
+    if len(body) != length:
+        dul.event_queue.put("Evt17")
+        return None
+    return pdu_type, header, body

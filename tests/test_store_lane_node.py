@@ -1,0 +1,270 @@
+"""The C-STORE lane on a running node: plain C-STOREs served on the DUL thread,
+everything else left to pynetdicom, protocol errors aborting only their association."""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom import dcmread
+from pynetdicom.dimse_messages import C_ECHO_RQ
+from pynetdicom.dimse_primitives import C_ECHO
+from pynetdicom.dsutils import encode
+from sqlalchemy import text
+
+from gateway import store_lane
+from gateway.node import Node
+from gateway.receiver import Receiver
+from gateway.status import Status
+from gateway.store_lane import StoreLane
+from tests.helpers import dcmtk
+from tests.helpers.data import dataset_bytes, make_study, new_uid
+from tests.helpers.nodes import make_config, running_node, wait_uploaded
+from tests.helpers.parrot import (
+    CT_IMAGE_STORAGE,
+    Parrot,
+    associate_rq,
+    c_store_command,
+    p_data,
+    p_data_items,
+)
+from tests.helpers.scu import send_files
+
+pytestmark = pytest.mark.integration
+
+
+def _echo_request() -> bytes:
+    primitive = C_ECHO()
+    primitive.MessageID = 1
+    primitive.AffectedSOPClassUID = "1.2.840.10008.1.1"
+    message = C_ECHO_RQ()
+    message.primitive_to_message(primitive)
+    return bytes(encode(message.command_set, True, True))
+
+
+@pytest.fixture
+def lane_counts(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, int]]:
+    """How many C-STOREs the lane and pynetdicom's C-STORE event each served."""
+    counts = {"lane": 0, "pynetdicom": 0}
+    finish, on_c_store = StoreLane._finish, Receiver._on_c_store
+
+    def counted_finish(self: StoreLane, *args: Any) -> None:
+        counts["lane"] += 1
+        finish(self, *args)
+
+    def counted_on_c_store(self: Receiver, event: Any) -> Any:
+        counts["pynetdicom"] += 1
+        return on_c_store(self, event)
+
+    monkeypatch.setattr(StoreLane, "_finish", counted_finish)
+    monkeypatch.setattr(Receiver, "_on_c_store", counted_on_c_store)
+    yield counts
+
+
+def _instances(node: Node) -> list[str]:
+    with node.engine.connect() as connection:
+        return sorted(connection.execute(
+            text("SELECT sop_instance_uid FROM instance")).scalars())
+
+
+def _associate(node: Node, **kwargs: Any) -> Parrot:
+    """An association from a raw peer, established. A message that arrives while the
+    listener is still accepting (writing the association's log row) is pynetdicom's, as
+    its association thread serves nothing before that either: a C-ECHO answered shows
+    the association is established, so the lane takes what follows."""
+    parrot = Parrot.connect(node.receiver.port)
+    parrot.send(associate_rq("MODALITY", "GATEWAY", **kwargs))
+    pdu = parrot.receive_pdu()
+    assert pdu is not None and pdu[0] == 0x02, "association should be accepted"
+    parrot.send(p_data(1, 0b11, _echo_request()))
+    assert parrot.receive_command().Status == 0x0000
+    return parrot
+
+
+def _study(tmp_path: Path, count: int) -> list[tuple[str, bytes]]:
+    """(SOP Instance UID, encoded data set) of *count* CT instances."""
+    files = make_study(tmp_path / "study", count)
+    return [(_sop_instance(path), dataset_bytes(path)) for path in files]
+
+
+def _sop_instance(path: Path) -> str:
+    return str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+
+
+def test_storescu_instances_are_served_by_the_lane(
+    lane_counts: dict[str, int], node: Node, tmp_path: Path
+) -> None:
+    files = make_study(tmp_path, 5)
+    result = dcmtk.storescu(node.receiver.port, files)
+    assert result.ok, result.output
+    assert len(_instances(node)) == 5
+    # The first C-STORE may arrive while the association is still being accepted.
+    assert lane_counts["lane"] >= 4
+    assert lane_counts["lane"] + lane_counts["pynetdicom"] == 5
+    assert not any(node.spool.incoming.iterdir())
+
+
+def test_data_sets_split_over_many_pdus_are_written_whole(
+    tmp_path: Path, database_url: str, lane_counts: dict[str, int]
+) -> None:
+    # The smallest maximum PDU the node allows: storescu splits each 39 KB instance.
+    # DCMTK storescp in bit-preserving mode is the oracle for what was on the wire.
+    config = make_config(tmp_path, database_url, node={"max_pdu_length": 4096})
+    files = make_study(tmp_path / "study", 4)
+    with running_node(config) as node, dcmtk.storescp(tmp_path / "oracle") as oracle:
+        for port, called in ((node.receiver.port, "GATEWAY"), (oracle.port, oracle.ae_title)):
+            result = dcmtk.storescu(port, files, called=called)
+            assert result.ok, result.output
+        assert lane_counts["lane"] >= 3
+        assert lane_counts["lane"] + lane_counts["pynetdicom"] == 4
+        wait_uploaded(node.engine, 4)
+        with node.engine.connect() as connection:
+            keys = dict(connection.execute(
+                text("SELECT sop_instance_uid, object_key FROM instance")).all())
+        root = Path(node.config.storage.object_store.removeprefix("file://"))
+        received = {path.name.split(".", 1)[1]: path for path in oracle.files()}
+    assert sorted(keys) == sorted(received)
+    for uid, key in keys.items():
+        assert dataset_bytes(root / key) == dataset_bytes(received[uid]), uid
+
+
+def test_messages_outside_the_plain_shape_go_to_pynetdicom_on_the_same_association(
+    lane_counts: dict[str, int], node: Node, tmp_path: Path
+) -> None:
+    (first, first_data), (second, second_data), (third, third_data) = _study(tmp_path, 3)
+    parrot = _associate(node)
+    # A command set in two fragments: pynetdicom assembles it.
+    command = c_store_command(CT_IMAGE_STORAGE, first, 1)
+    parrot.send(p_data(1, 0b01, command[:20]))
+    parrot.send(p_data(1, 0b11, command[20:]))
+    parrot.send(p_data(1, 0b10, first_data))
+    assert parrot.receive_command().Status == 0x0000
+    # A plain one, with its command and data in one PDU: the lane.
+    parrot.send(p_data_items((1, 0b11, c_store_command(CT_IMAGE_STORAGE, second, 2)),
+                             (1, 0b00, second_data[:100]), (1, 0b10, second_data[100:])))
+    response = parrot.receive_command()
+    assert (response.Status, response.MessageIDBeingRespondedTo) == (0x0000, 2)
+    # A C-ECHO between two C-STOREs.
+    parrot.send(p_data(1, 0b11, _echo_request()))
+    assert parrot.receive_command().Status == 0x0000
+    parrot.send(p_data(1, 0b11, c_store_command(CT_IMAGE_STORAGE, third, 3)))
+    parrot.send(p_data(1, 0b10, third_data))
+    assert parrot.receive_command().Status == 0x0000
+    parrot.close()
+    assert _instances(node) == sorted([first, second, third])
+    assert lane_counts == {"lane": 2, "pynetdicom": 1}
+
+
+@pytest.mark.parametrize(("case", "bad_pdv"), [
+    ("a command fragment inside a data set", (1, 0b11, b"\x00\x00\x00\x00")),
+    ("a data fragment for another context", (3, 0b10, b"\x08\x00")),
+])
+def test_a_protocol_error_inside_a_data_set_aborts_that_association_only(
+    node: Node, tmp_path: Path, case: str, bad_pdv: tuple[int, int, bytes]
+) -> None:
+    ((uid, data),) = _study(tmp_path, 1)
+    parrot = _associate(node)
+    parrot.send(p_data(1, 0b11, c_store_command(CT_IMAGE_STORAGE, uid)))
+    parrot.send(p_data(1, 0b00, data[:200]))
+    parrot.send(p_data_items(bad_pdv))
+    assert parrot.answered_with_abort()
+    parrot.close()
+    assert _instances(node) == []
+    assert not any(node.spool.incoming.iterdir())
+    assert dcmtk.echoscu(node.receiver.port).ok
+
+
+def test_a_refusal_carries_its_error_comment(node: Node, tmp_path: Path) -> None:
+    ((_, data),) = _study(tmp_path, 1)
+    parrot = _associate(node)
+    parrot.send(p_data(1, 0b11, c_store_command(CT_IMAGE_STORAGE, new_uid(), 4)))
+    parrot.send(p_data(1, 0b10, data))
+    response = parrot.receive_command()
+    assert response.Status == int(Status.CANNOT_UNDERSTAND)
+    assert response.ErrorComment == (
+        "SOP Instance UID in the dataset differs from the C-STORE request")
+    assert response.MessageIDBeingRespondedTo == 4
+    parrot.close()
+    assert _instances(node) == []
+
+
+def test_a_peer_accepting_only_tiny_pdus_gets_its_response_in_fragments(
+    lane_counts: dict[str, int], node: Node, tmp_path: Path
+) -> None:
+    ((uid, data),) = _study(tmp_path, 1)
+    parrot = _associate(node, max_length=64)  # smaller than the response command set
+    parrot.send(p_data(1, 0b11, c_store_command(CT_IMAGE_STORAGE, uid)))
+    parrot.send(p_data(1, 0b10, data))
+    response = parrot.receive_command()
+    assert (response.Status, response.AffectedSOPInstanceUID) == (0x0000, uid)
+    parrot.close()
+    assert lane_counts["lane"] == 1
+    assert _instances(node) == [uid]
+
+
+def test_a_spool_write_failing_mid_data_set_is_answered_and_the_association_goes_on(
+    node: Node, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (failing, failing_data), (stored, stored_data) = _study(tmp_path, 2)
+    write_all = store_lane._write_all
+    calls = {"count": 0}
+
+    def disk_full_once(fd: int, data: Any) -> None:
+        calls["count"] += 1
+        if calls["count"] == 2:  # the first data fragment, after the file meta group
+            raise OSError(errno.ENOSPC, "No space left on device")
+        write_all(fd, data)
+
+    monkeypatch.setattr(store_lane, "_write_all", disk_full_once)
+    parrot = _associate(node)
+    parrot.send(p_data(1, 0b11, c_store_command(CT_IMAGE_STORAGE, failing, 1)))
+    parrot.send(p_data(1, 0b00, failing_data[:300]))
+    parrot.send(p_data(1, 0b10, failing_data[300:]))
+    response = parrot.receive_command()
+    assert (response.Status, response.ErrorComment) == (0xA700, "spool write failed")
+    assert not any(node.spool.incoming.iterdir())
+    parrot.send(p_data(1, 0b11, c_store_command(CT_IMAGE_STORAGE, stored, 2)))
+    parrot.send(p_data(1, 0b10, stored_data))
+    assert parrot.receive_command().Status == 0x0000
+    parrot.close()
+    assert _instances(node) == [stored]
+
+
+def test_an_unexpected_error_in_storing_is_answered_like_pynetdicom_does(
+    node: Node, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ((uid, data),) = _study(tmp_path, 1)
+
+    def broken(self: Any, assoc: Any, received: Any) -> tuple[int, str | None]:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(Receiver, "_store", broken)
+    parrot = _associate(node)
+    parrot.send(p_data(1, 0b11, c_store_command(CT_IMAGE_STORAGE, uid)))
+    parrot.send(p_data(1, 0b10, data))
+    assert parrot.receive_command().Status == 0xC211
+    parrot.close()
+    assert not any(node.spool.incoming.iterdir())
+
+
+def test_a_pynetdicom_scu_gets_every_status_and_comment(node: Node, tmp_path: Path) -> None:
+    files = make_study(tmp_path, 2)
+    report = send_files(node.receiver.port, files)
+    assert [status for _, status in report.statuses] == [0, 0]
+    assert report.error_comments == [None, None]
+
+
+def test_message_ids_are_echoed_over_a_long_association(node: Node, tmp_path: Path) -> None:
+    instances = _study(tmp_path, 3)
+    parrot = _associate(node)
+    for message_id, (uid, data) in zip((1, 300, 65535), instances, strict=True):
+        parrot.send(p_data(1, 0b11, c_store_command(CT_IMAGE_STORAGE, uid, message_id)))
+        parrot.send(p_data(1, 0b10, data))
+        response = parrot.receive_command()
+        assert (response.MessageIDBeingRespondedTo, response.AffectedSOPInstanceUID,
+                response.AffectedSOPClassUID) == (message_id, uid, CT_IMAGE_STORAGE)
+    parrot.close()
+
