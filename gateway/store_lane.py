@@ -203,7 +203,7 @@ class StoreLane:
             return False
         if self._message is not None:
             return True
-        return dul.assoc.is_established and dul.event_queue.empty() and dul._recv_pdu.empty()
+        return bool(dul.assoc.is_established and dul.event_queue.empty() and dul._recv_pdu.empty())
 
     def receive(self, dul: Any, body: bytearray) -> None:
         """Handle the PDV items of one P-DATA-TF PDU (*body*: the PDU after its header)."""
