@@ -98,7 +98,8 @@ def c_store_rsp_command(*, message_id_being_responded_to: int, status: int,
                         error_comment: str | None = None) -> bytes:
     """A C-STORE-RSP command set without offending element, implicit VR little endian
     (PS3.7 9.3.1.2, E.1), as pynetdicom encodes it. An error comment (LO) is cut to its
-    64 characters; a character outside ASCII becomes ``?``."""
+    64 characters; a character LO does not allow (outside printable ASCII, or a
+    backslash) becomes ``?``."""
     elements = []
     if sop_class_uid is not None:
         elements.append(_implicit(0x0002, _padded(sop_class_uid, b"\x00")))
@@ -107,7 +108,9 @@ def c_store_rsp_command(*, message_id_being_responded_to: int, status: int,
     elements.append(_implicit(0x0800, struct.pack("<H", _NO_DATA_SET)))
     elements.append(_implicit(0x0900, struct.pack("<H", status)))
     if error_comment:
-        comment = error_comment[:_ERROR_COMMENT_MAX].encode("ascii", "replace")
+        # LO: no backslash (the value delimiter) and no control characters.
+        text = "".join(c if " " <= c <= "~" and c != "\\" else "?" for c in error_comment)
+        comment = text[:_ERROR_COMMENT_MAX].encode("ascii", "replace")
         elements.append(_implicit(0x0902, comment + b" " if len(comment) % 2 else comment))
     if sop_instance_uid is not None:
         elements.append(_implicit(0x1000, _padded(sop_instance_uid, b"\x00")))

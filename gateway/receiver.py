@@ -338,21 +338,28 @@ class Receiver:
             time.sleep(0.05)
         remaining = server.active_associations
         aborted = 0
+        aborts: list[tuple[Any, threading.Thread]] = []
         for assoc in remaining:
             assoc_id = self._assoc_id(assoc)
             if assoc_id is not None:  # not a bare connection that never asked for anything
                 log.warning("association_aborted_at_stop", assoc_id=assoc_id)
                 aborted += 1
-            assoc.abort()
+            # An abort waits for the association's DUL thread, which may be storing an
+            # instance (store_lane): all are aborted at once, and waited for below
+            # within the same bound. An instance still being stored is not answered.
+            abort = threading.Thread(target=assoc.abort, name="abort-at-stop", daemon=True)
+            abort.start()
+            aborts.append((assoc, abort))
         # Aborted associations end promptly, and one released just now is still writing
         # its association log: both are waited for. A bare connection (a port probe, a
         # health check) waits for an A-ASSOCIATE-RQ until its ACSE timeout, even after
         # its peer has closed: it holds nothing and is not waited for.
-        requested = [assoc for assoc in remaining if assoc.requestor.primitive is not None]
+        requested = [(assoc, abort) for assoc, abort in aborts
+                     if assoc.requestor.primitive is not None]
         give_up = time.monotonic() + 2.0
-        for assoc in requested:
-            assoc.join(timeout=max(0.0, give_up - time.monotonic()))
-        idle = len(remaining) - len(requested)
+        for waited in (thread for pair in requested for thread in pair):
+            waited.join(timeout=max(0.0, give_up - time.monotonic()))
+        idle = len(aborts) - len(requested)
         for handler in logging.getLogger().handlers:
             handler.removeFilter(self._log_filter)
         log.info("listener_stopped", aborted=aborted, idle_connections_closed=idle)

@@ -38,9 +38,10 @@ the PDU, data, DIMSE-message or state-machine events it bypasses.
 from __future__ import annotations
 
 import contextlib
+import errno
+import itertools
 import os
 import struct
-import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -49,10 +50,13 @@ from typing import Any
 
 import pynetdicom
 import structlog
+from pynetdicom import association as _association
 from pynetdicom import dul as _dul
 from pynetdicom import evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu_primitives import P_DATA
+from pynetdicom.service_class import StorageServiceClass
+from pynetdicom.sop_class import uid_to_service_class
 
 from gateway.dimse_codec import c_store_rsp_command, file_meta_bytes, plain_uids
 from gateway.dimse_reactor import SUPPORTED_VERSIONS
@@ -69,6 +73,7 @@ _COMMAND = 0x01
 _LAST = 0x02
 _C_STORE_RQ = 0x0001
 _NO_DATA_SET = 0x0101
+_SERVED_WAIT = 0.05  # seconds the lane waits for pynetdicom to finish a message
 _HANDLER_FAILED = 0xC211  # what pynetdicom answers when the C-STORE handler raises
 _BYPASSED_EVENTS = (
     evt.EVT_PDU_RECV, evt.EVT_PDU_SENT, evt.EVT_DATA_RECV, evt.EVT_DATA_SENT,
@@ -191,6 +196,10 @@ class StoreLane:
     _partial: Path | None = None
     _broken: bool = False
     _bound: bool = False
+    _answered: int = 0
+    """Messages pynetdicom's association thread has taken off its queue and finished
+    serving."""
+    _served: threading.Condition = field(default_factory=threading.Condition)
 
     # --- called from the DUL thread ------------------------------------------------------
 
@@ -205,6 +214,28 @@ class StoreLane:
             return True
         return bool(dul.assoc.is_established and dul.event_queue.empty() and dul._recv_pdu.empty())
 
+    def pynetdicom_served(self) -> None:
+        """pynetdicom's association thread finished serving a message from its queue."""
+        with self._served:
+            self._answered += 1
+            self._served.notify_all()
+
+    def _pynetdicom_idle(self, dul: Any) -> bool:
+        """Whether pynetdicom has served every message it queued (``unfinished_tasks``
+        counts every message ever put on the queue: pynetdicom never calls
+        ``task_done``). Until then the lane takes no new message: a peer that does not
+        wait for each response (asynchronous operations are never negotiated) still
+        gets them in order, and one association's C-STOREs are never stored at the
+        same time.
+
+        A peer that did wait may send its next request before the association thread
+        has come back from serving the previous one (its response is already out): with
+        nothing left in the queue, that is waited for, briefly."""
+        messages = dul.assoc.dimse.msg_queue
+        with self._served:
+            return bool(not messages.qsize() and self._served.wait_for(
+                lambda: messages.unfinished_tasks == self._answered, _SERVED_WAIT))
+
     def receive(self, dul: Any, body: bytearray) -> None:
         """Handle the PDV items of one P-DATA-TF PDU (*body*: the PDU after its header)."""
         if not self._bound:
@@ -216,13 +247,25 @@ class StoreLane:
                     self._data(dul, context_id, control, pdv[1:])
                 elif not (control & _COMMAND and control & _LAST
                           and dul.assoc.dimse.message is None
+                          and self._pynetdicom_idle(dul)
                           and self._start(dul, context_id, pdv[1:])):
-                    _to_pynetdicom(dul, context_id, pdv)
+                    self._to_pynetdicom(dul, context_id, pdv)
         except ProtocolError as exc:
             self._broken = True
             self.close()
             log.warning("dimse_protocol_error", reason=str(exc))
             dul.event_queue.put("Evt19")  # pynetdicom's invalid-PDU event: A-ABORT
+
+    def _to_pynetdicom(self, dul: Any, context_id: int, pdv: memoryview) -> None:
+        """Give one PDV (control header and fragment) to pynetdicom's DIMSE provider, as
+        its P-DATA action (DT-2) would; a message it cannot decode aborts the
+        association."""
+        primitive = P_DATA()
+        primitive.presentation_data_value_list.append((context_id, bytes(pdv)))
+        try:
+            dul.assoc.dimse.receive_primitive(primitive)
+        except Exception as exc:
+            raise ProtocolError("undecodable DIMSE message") from exc
 
     def close(self) -> None:
         """Remove the file of a message that did not complete (the association ended)."""
@@ -245,15 +288,16 @@ class StoreLane:
         if command is None:
             return False
         context = dul.assoc._accepted_cx.get(context_id)
-        if context is None or str(context.abstract_syntax) != command.sop_class_uid:
+        if (context is None or str(context.abstract_syntax) != command.sop_class_uid
+                or not _is_storage(command.sop_class_uid)):
             return False  # pynetdicom answers (or aborts) as it always has
         syntax = str(context.transfer_syntax[0]) if context.transfer_syntax else ""
         if not plain_uids(syntax):
             return False
         message = _Message(context_id, command, syntax)
         try:
-            fd, name = tempfile.mkstemp(suffix=".dcm", dir=self.incoming)
-            message.fd, message.path = fd, Path(name)
+            fd, message.path = _create(self.incoming)
+            message.fd = fd
             self._partial = message.path
             _write_all(fd, _PREAMBLE + file_meta_bytes(
                 sop_class_uid=command.sop_class_uid,
@@ -291,8 +335,15 @@ class StoreLane:
             except OSError as exc:
                 _failed(message, exc)
         status, comment = int(Status.OUT_OF_RESOURCES), message.error
+        # From here the file is the storage function's (it keeps or removes it): an
+        # abort while it runs must not delete it under it.
+        self._partial = None
         if message.error is None and message.path is not None:
             command = message.command
+            # pynetdicom's association thread never checks the idle timer while its
+            # handler runs; that thread is free now, so the timer waits with the handler.
+            dul._idle_timer.restart()
+            dul._idle_timer.stop()
             try:
                 status, comment = self.serve(ReceivedInstance(
                     message.path, command.sop_class_uid, command.sop_instance_uid,
@@ -303,11 +354,24 @@ class StoreLane:
                           sop_instance_uid=command.sop_instance_uid, **failure_fields(exc))
                 message.path.unlink(missing_ok=True)
                 status, comment = _HANDLER_FAILED, None
-        self._partial = None
         self.served += 1
-        dul._idle_timer.restart()  # the wait for our answer is not the peer being idle
+        dul._idle_timer.restart()
         if dul.assoc.is_established and not dul._kill_thread:
             _respond(dul, message, status, comment)
+
+
+_storage_classes: dict[str, bool] = {}
+
+
+def _is_storage(sop_class_uid: str) -> bool:
+    """Whether pynetdicom serves *sop_class_uid* with its Storage service class (a
+    C-STORE of, say, the Verification SOP Class is left to pynetdicom to refuse)."""
+    known = _storage_classes.get(sop_class_uid)
+    if known is None:
+        known = uid_to_service_class(sop_class_uid) is StorageServiceClass
+        if len(_storage_classes) < 4096:
+            _storage_classes[sop_class_uid] = known
+    return known
 
 
 def _failed(message: _Message, exc: OSError) -> None:
@@ -326,18 +390,28 @@ def _drop_file(message: _Message) -> None:
         message.path.unlink(missing_ok=True)
 
 
+_serial = itertools.count()
+_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+
+
+def _create(directory: Path) -> tuple[int, Path]:
+    """A new file in *directory*, open for writing. Named after the process and a
+    counter (``tempfile``'s random names cost more than the write of a small instance);
+    a name already taken (a file left by an earlier process of the same ID: start-up
+    clears them) is skipped."""
+    for _ in range(100):
+        path = directory / f"lane-{os.getpid()}-{next(_serial)}.dcm"
+        try:
+            return os.open(path, _CREATE_FLAGS, 0o600), path
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no free name for a received file", str(directory))
+
+
 def _write_all(fd: int, data: bytes | memoryview) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]
-
-
-def _to_pynetdicom(dul: Any, context_id: int, value: memoryview) -> None:
-    """Give one PDV (control header and fragment) to pynetdicom's DIMSE provider, as
-    its P-DATA action (DT-2) would."""
-    primitive = P_DATA()
-    primitive.presentation_data_value_list.append((context_id, bytes(value)))
-    dul.assoc.dimse.receive_primitive(primitive)
 
 
 def _respond(dul: Any, message: _Message, status: int, comment: str | None) -> None:
@@ -411,8 +485,21 @@ def install() -> bool:
                 if lane is not None:
                     lane.close()
 
+        original_serve = _association.Association._serve_request
+
+        def serve_request(self: Any, msg: Any, context_id: int) -> None:
+            try:
+                original_serve(self, msg, context_id)
+            finally:
+                lane = lane_of(self)
+                # Not an N-EVENT-REPORT, which pynetdicom serves on a thread of its own
+                # without queueing it.
+                if lane is not None and threading.current_thread() is self:
+                    lane.pynetdicom_served()
+
         provider._read_pdu_data = read_pdu_data
         provider.run_reactor = run_reactor
+        _association.Association._serve_request = serve_request
         _installed = True
         return True
 

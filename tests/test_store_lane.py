@@ -4,6 +4,8 @@ else left to pynetdicom, protocol errors aborting only their association."""
 from __future__ import annotations
 
 import io
+import itertools
+import os
 import struct
 from pathlib import Path
 from types import SimpleNamespace
@@ -183,3 +185,31 @@ def test_the_lane_is_not_attached_when_a_bypassed_event_has_a_handler() -> None:
         )
         assert store_lane.attach(assoc, lane) is attached
         assert (store_lane.lane_of(assoc) is lane) is attached
+
+
+def test_received_files_get_new_names_past_any_left_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store_lane, "_serial", itertools.count(5))
+    (tmp_path / f"lane-{os.getpid()}-5.dcm").write_bytes(b"left by an earlier process")
+    fd, path = store_lane._create(tmp_path)
+    os.close(fd)
+    assert path.name == f"lane-{os.getpid()}-6.dcm"
+    assert (tmp_path / f"lane-{os.getpid()}-5.dcm").read_bytes() == b"left by an earlier process"
+    assert path.stat().st_size == 0
+
+
+@pytest.mark.parametrize(("sop_class", "storage"), [
+    (CT, True), (MR, True), ("1.2.840.10008.5.1.4.1.1.88.11", True),
+    ("1.2.840.10008.1.1", False),  # Verification: pynetdicom refuses a C-STORE of it
+    ("1.2.3.4.5", False),  # unknown: pynetdicom decides
+])
+def test_only_storage_sop_classes_take_the_lane(sop_class: str, storage: bool) -> None:
+    assert store_lane._is_storage(sop_class) is storage
+
+
+def test_error_comments_hold_only_what_lo_allows() -> None:
+    encoded = c_store_rsp_command(message_id_being_responded_to=1, status=0xA900,
+                                  sop_class_uid=None, sop_instance_uid=None,
+                                  error_comment="a\\b\tc")
+    assert _element(0x0902, b"a?b?c ") in encoded

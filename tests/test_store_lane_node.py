@@ -4,7 +4,10 @@ everything else left to pynetdicom, protocol errors aborting only their associat
 from __future__ import annotations
 
 import errno
+import threading
+import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +19,14 @@ from pynetdicom.dsutils import encode
 from sqlalchemy import text
 
 from gateway import store_lane
+from gateway.ingest import ReceivedInstance, Sender, StoreResult
 from gateway.node import Node
 from gateway.receiver import Receiver
 from gateway.status import Status
 from gateway.store_lane import StoreLane
 from tests.helpers import dcmtk
 from tests.helpers.data import dataset_bytes, make_study, new_uid
+from tests.helpers.net import wait_until
 from tests.helpers.nodes import make_config, running_node, wait_uploaded
 from tests.helpers.parrot import (
     CT_IMAGE_STORAGE,
@@ -237,11 +242,16 @@ def test_an_unexpected_error_in_storing_is_answered_like_pynetdicom_does(
     node: Node, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     ((uid, data),) = _study(tmp_path, 1)
+    attach = store_lane.attach
 
-    def broken(self: Any, assoc: Any, received: Any) -> tuple[int, str | None]:
+    def broken(received: Any) -> tuple[int, str | None]:
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(Receiver, "_store", broken)
+    def attach_broken(assoc: Any, lane: StoreLane) -> bool:
+        lane.serve = broken
+        return attach(assoc, lane)
+
+    monkeypatch.setattr(store_lane, "attach", attach_broken)
     parrot = _associate(node)
     parrot.send(p_data(1, 0b11, c_store_command(CT_IMAGE_STORAGE, uid)))
     parrot.send(p_data(1, 0b10, data))
@@ -268,3 +278,112 @@ def test_message_ids_are_echoed_over_a_long_association(node: Node, tmp_path: Pa
                 response.AffectedSOPClassUID) == (message_id, uid, CT_IMAGE_STORAGE)
     parrot.close()
 
+
+
+@contextmanager
+def _held_store(node: Node, count: int = 1) -> Iterator[tuple[threading.Event, threading.Event]]:
+    """The first *count* instances the node stores wait until the test lets them go.
+    Yields (storing: one is waiting, release)."""
+    storing, release = threading.Event(), threading.Event()
+    store = node.receiver.ingestor.store
+    held = {"left": count}
+
+    def held_store(received: ReceivedInstance, sender: Sender) -> StoreResult:
+        if held["left"] > 0:
+            held["left"] -= 1
+            storing.set()
+            release.wait(30)
+        return store(received, sender)
+
+    node.receiver.ingestor.store = held_store  # type: ignore[method-assign]
+    try:
+        yield storing, release
+    finally:
+        release.set()
+
+
+def test_stopping_does_not_wait_for_an_instance_being_stored_nor_delete_it(
+    node: Node, tmp_path: Path
+) -> None:
+    ((uid, data),) = _study(tmp_path, 1)
+    parrot = _associate(node)
+    with _held_store(node) as (storing, release):
+        parrot.send(p_data(1, 0b11, c_store_command(CT_IMAGE_STORAGE, uid)))
+        parrot.send(p_data(1, 0b10, data))
+        assert storing.wait(10)
+        started = time.monotonic()
+        node.receiver.stop(0.1)
+        # The abort waits for the DUL thread, which is inside the storage call: the
+        # stop gives up after its 2 s bound instead.
+        assert time.monotonic() - started < 5
+        release.set()
+        # The received file was the storage call's: the abort did not delete it, so
+        # the instance is durable and indexed (but was never acknowledged).
+        wait_until(lambda: _instances(node) == [uid], 10, message="the held instance stored")
+    assert parrot.answered_with_abort()
+    parrot.close()
+    assert not any(node.spool.incoming.iterdir())
+
+
+def test_the_idle_timeout_does_not_cut_a_slow_store(tmp_path: Path, database_url: str) -> None:
+    config = make_config(tmp_path, database_url, node={"network_timeout": 1.0})
+    ((uid, data),) = _study(tmp_path, 1)
+    with running_node(config) as node:
+        parrot = _associate(node)
+        with _held_store(node) as (storing, release):
+            parrot.send(p_data(1, 0b11, c_store_command(CT_IMAGE_STORAGE, uid)))
+            parrot.send(p_data(1, 0b10, data))
+            assert storing.wait(10)
+            time.sleep(2.5)  # beyond the 1 s network timeout
+            release.set()
+            assert parrot.receive_command().Status == 0x0000
+        parrot.close()
+        assert _instances(node) == [uid]
+
+
+def test_a_peer_not_waiting_for_responses_gets_them_in_order(
+    lane_counts: dict[str, int], node: Node, tmp_path: Path
+) -> None:
+    (first, first_data), (second, second_data) = _study(tmp_path, 2)
+    parrot = _associate(node)
+    with _held_store(node) as (storing, release):
+        # The first goes to pynetdicom (its command set is split) and is held there ...
+        command = c_store_command(CT_IMAGE_STORAGE, first, 1)
+        parrot.send(p_data(1, 0b01, command[:20]))
+        parrot.send(p_data(1, 0b11, command[20:]))
+        parrot.send(p_data(1, 0b10, first_data))
+        assert storing.wait(10)
+        # ... while the second, plain one arrives without waiting for its response.
+        parrot.send(p_data(1, 0b11, c_store_command(CT_IMAGE_STORAGE, second, 2)))
+        parrot.send(p_data(1, 0b10, second_data))
+        time.sleep(0.5)
+        release.set()
+        responses = [parrot.receive_command(), parrot.receive_command()]
+    assert [(r.MessageIDBeingRespondedTo, r.Status) for r in responses] == [(1, 0), (2, 0)]
+    parrot.close()
+    assert _instances(node) == sorted([first, second])
+    assert lane_counts == {"lane": 0, "pynetdicom": 2}
+
+
+@pytest.mark.parametrize("ending", ["A-ABORT", "A-RELEASE-RQ", "reset"])
+def test_an_association_ending_mid_data_set_leaves_no_partial_file(
+    node: Node, tmp_path: Path, ending: str
+) -> None:
+    ((uid, data),) = _study(tmp_path, 1)
+    parrot = _associate(node)
+    parrot.send(p_data(1, 0b11, c_store_command(CT_IMAGE_STORAGE, uid)))
+    parrot.send(p_data(1, 0b00, data[:500]))
+    wait_until(lambda: any(node.spool.incoming.iterdir()), 5, message="a partial reception")
+    if ending == "A-ABORT":
+        parrot.send(b"\x07\x00\x00\x00\x00\x04\x00\x00\x00\x00")
+    elif ending == "A-RELEASE-RQ":
+        parrot.send(b"\x05\x00\x00\x00\x00\x04\x00\x00\x00\x00")
+        parrot.receive_pdu()  # the A-RELEASE-RP
+    else:
+        parrot.reset()
+    wait_until(lambda: not any(node.spool.incoming.iterdir()), 5,
+               message="the partial file to be removed")
+    if ending != "reset":
+        parrot.close()
+    assert _instances(node) == []
+    assert dcmtk.echoscu(node.receiver.port).ok
