@@ -74,6 +74,7 @@ _LAST = 0x02
 _C_STORE_RQ = 0x0001
 _NO_DATA_SET = 0x0101
 _SERVED_WAIT = 0.05  # seconds the lane waits for pynetdicom to finish a message
+_ESTABLISH_WAIT = 10.0  # ... and for it to finish accepting the association
 _HANDLER_FAILED = 0xC211  # what pynetdicom answers when the C-STORE handler raises
 _BYPASSED_EVENTS = (
     evt.EVT_PDU_RECV, evt.EVT_PDU_SENT, evt.EVT_DATA_RECV, evt.EVT_DATA_SENT,
@@ -200,6 +201,8 @@ class StoreLane:
     """Messages pynetdicom's association thread has taken off its queue and finished
     serving."""
     _served: threading.Condition = field(default_factory=threading.Condition)
+    settled: threading.Event = field(default_factory=threading.Event)
+    """Set once pynetdicom has established, aborted or released the association."""
 
     # --- called from the DUL thread ------------------------------------------------------
 
@@ -212,7 +215,27 @@ class StoreLane:
             return False
         if self._message is not None:
             return True
-        return bool(dul.assoc.is_established and dul.event_queue.empty() and dul._recv_pdu.empty())
+        if not dul.assoc.is_established and not self._wait_established(dul):
+            return False
+        return bool(dul.event_queue.empty() and dul._recv_pdu.empty())
+
+    def _wait_established(self, dul: Any) -> bool:
+        """Wait for pynetdicom to finish accepting the association.
+
+        A peer sends data only once it has our A-ASSOCIATE-AC, but pynetdicom calls the
+        association established only after its acceptance handlers have returned (the
+        listener writes the association's log row there). A message arriving in between
+        would be pynetdicom's, served when that is done: the lane waits for the same
+        moment instead, so an association carrying a single instance (common for
+        modalities that open one per image) still takes the lane."""
+        assoc = dul.assoc
+        if assoc._kill or dul._kill_thread:
+            return False
+        self.settled.wait(_ESTABLISH_WAIT)
+        return bool(assoc.is_established)
+
+    def _on_settled(self, _event: Any) -> None:
+        self.settled.set()
 
     def pynetdicom_served(self) -> None:
         """pynetdicom's association thread finished serving a message from its queue."""
@@ -238,9 +261,6 @@ class StoreLane:
 
     def receive(self, dul: Any, body: bytearray) -> None:
         """Handle the PDV items of one P-DATA-TF PDU (*body*: the PDU after its header)."""
-        if not self._bound:
-            structlog.contextvars.bind_contextvars(**self.log_context)
-            self._bound = True
         try:
             for context_id, control, pdv in pdv_items(body):
                 if self._message is not None:
@@ -266,6 +286,12 @@ class StoreLane:
             dul.assoc.dimse.receive_primitive(primitive)
         except Exception as exc:
             raise ProtocolError("undecodable DIMSE message") from exc
+
+    def bind_log_context(self) -> None:
+        """Give the DUL thread's log lines the association's ID and calling AE."""
+        if not self._bound:
+            structlog.contextvars.bind_contextvars(**self.log_context)
+            self._bound = True
 
     def close(self) -> None:
         """Remove the file of a message that did not complete (the association ended)."""
@@ -447,6 +473,8 @@ def attach(assoc: Any, lane: StoreLane) -> bool:
     lane is not installed or a handler is bound to an event the lane bypasses."""
     if not _installed or any(assoc.get_handlers(event) for event in _BYPASSED_EVENTS):
         return False
+    for settling in (evt.EVT_ESTABLISHED, evt.EVT_ABORTED, evt.EVT_RELEASED):
+        assoc.bind(settling, lane._on_settled)
     assoc.dul._gateway_lane = lane
     return True
 
@@ -507,6 +535,7 @@ def install() -> bool:
 def _read_pdu(dul: Any, lane: StoreLane) -> None:
     """pynetdicom's ``_read_pdu_data`` (same reads, same events on failure), with
     P-DATA-TF PDUs given to *lane* when it takes them."""
+    lane.bind_log_context()
     received = _receive_pdu(dul)
     if received is None:
         return

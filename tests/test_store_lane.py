@@ -9,6 +9,7 @@ import os
 import struct
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from pynetdicom import evt
@@ -179,12 +180,17 @@ def test_the_lane_is_not_attached_when_a_bypassed_event_has_a_handler() -> None:
     lane = StoreLane(Path("/nonexistent"), lambda received: (0, None))
     for bound, attached in ((evt.EVT_PDU_RECV, False), (evt.EVT_DIMSE_SENT, False),
                             (evt.EVT_C_STORE, True)):
+        bindings: list[Any] = []
         assoc = SimpleNamespace(
             dul=SimpleNamespace(),
             get_handlers=lambda event, bound=bound: [print] if event == bound else [],
+            bind=lambda event, handler, bindings=bindings: bindings.append(event),
         )
         assert store_lane.attach(assoc, lane) is attached
         assert (store_lane.lane_of(assoc) is lane) is attached
+        # Told when the association is established, aborted or released.
+        assert bindings == ([evt.EVT_ESTABLISHED, evt.EVT_ABORTED, evt.EVT_RELEASED]
+                            if attached else [])
 
 
 def test_received_files_get_new_names_past_any_left_behind(
