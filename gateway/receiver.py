@@ -65,6 +65,9 @@ STORAGE_SOP_CLASSES = frozenset(str(cx.abstract_syntax) for cx in AllStoragePres
 ACCEPTED_ABSTRACT_SYNTAXES = STORAGE_SOP_CLASSES | {str(Verification)}
 _ACCEPTED_TS = frozenset(ACCEPTED_TRANSFER_SYNTAXES)
 _ERROR_COMMENT_MAX = 64  # (0000,0902) is LO
+_STORE_AT_STOP_WAIT = 15.0
+"""Seconds a stop waits for instances still being stored once their associations are
+aborted (a storage call ends within the index's timeouts)."""
 
 _receive_dir: Path | None = None
 
@@ -265,6 +268,8 @@ class Receiver:
         self._server: Any = None
         self._ae: Any = None
         self._log_filter = PynetdicomContext(self._sessions)
+        self._storing = 0
+        self._stored = threading.Condition()
 
     # --- lifecycle -----------------------------------------------------------------
 
@@ -359,6 +364,12 @@ class Receiver:
         give_up = time.monotonic() + 2.0
         for waited in (thread for pair in requested for thread in pair):
             waited.join(timeout=max(0.0, give_up - time.monotonic()))
+        # What the node closes next (the spool, the index connections) must not go away
+        # under an instance still being stored; a storage call ends within the index's
+        # own timeouts.
+        with self._stored:
+            if not self._stored.wait_for(lambda: self._storing == 0, _STORE_AT_STOP_WAIT):
+                log.warning("instances_still_being_stored_at_stop", count=self._storing)
         idle = len(aborts) - len(requested)
         for handler in logging.getLogger().handlers:
             handler.removeFilter(self._log_filter)
@@ -582,6 +593,8 @@ class Receiver:
             peer_address=facts.peer_address if facts else "",
         )
         started = time.perf_counter()
+        with self._stored:
+            self._storing += 1
         try:
             result = self.ingestor.store(received, sender)
         except Exception as exc:  # noqa: BLE001 - answered 0x0110, logged without the message
@@ -589,6 +602,10 @@ class Receiver:
                       **failure_fields(exc))
             self.ingestor.spool.discard_received(received.path)
             result = StoreResult(Status.PROCESSING_FAILURE, error_comment="internal error")
+        finally:
+            with self._stored:
+                self._storing -= 1
+                self._stored.notify_all()
         self.metrics.store_seconds.observe(time.perf_counter() - started)
         outcome = result.outcome.value if result.ok and result.outcome else "refused"
         self.metrics.instances.labels(sender.calling_ae, outcome).inc()

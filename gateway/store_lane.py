@@ -449,7 +449,15 @@ def _respond(dul: Any, message: _Message, status: int, comment: str | None) -> N
     )
     limit = dul.assoc.dimse.maximum_pdu_size
     if not limit or len(encoded) + 6 <= limit:
-        dul.socket.send(c_store_rsp_pdu(message.context_id, encoded))
+        if dul.to_provider_queue.empty():
+            dul.socket.send(c_store_rsp_pdu(message.context_id, encoded))
+            return
+        # pynetdicom has something queued to send (the response to a message it served
+        # just before): ours goes after it, as it would from its association thread.
+        pdata = P_DATA()
+        pdata.presentation_data_value_list.append(
+            (message.context_id, bytes([_COMMAND | _LAST]) + encoded))
+        dul.send_pdu(pdata)
         return
     # A peer accepting PDUs too small for a whole command set: pynetdicom fragments it.
     response = C_STORE()

@@ -311,7 +311,7 @@ def _held_store(node: Node, count: int = 1) -> Iterator[tuple[threading.Event, t
         release.set()
 
 
-def test_stopping_does_not_wait_for_an_instance_being_stored_nor_delete_it(
+def test_stopping_aborts_at_once_and_lets_an_instance_being_stored_finish(
     node: Node, tmp_path: Path
 ) -> None:
     ((uid, data),) = _study(tmp_path, 1)
@@ -320,18 +320,40 @@ def test_stopping_does_not_wait_for_an_instance_being_stored_nor_delete_it(
         parrot.send(p_data(1, 0b11, c_store_command(CT_IMAGE_STORAGE, uid)))
         parrot.send(p_data(1, 0b10, data))
         assert storing.wait(10)
+        timer = threading.Timer(3.0, release.set)  # beyond the 2 s the aborts get
+        timer.start()
         started = time.monotonic()
         node.receiver.stop(0.1)
-        # The abort waits for the DUL thread, which is inside the storage call: the
-        # stop gives up after its 2 s bound instead.
-        assert time.monotonic() - started < 5
-        release.set()
-        # The received file was the storage call's: the abort did not delete it, so
-        # the instance is durable and indexed (but was never acknowledged).
-        wait_until(lambda: _instances(node) == [uid], 10, message="the held instance stored")
-    assert parrot.answered_with_abort()
+        took, released_first = time.monotonic() - started, release.is_set()
+        timer.join()
+        # The association was aborted without waiting for the storage call (an abort
+        # waits for the DUL thread that is making it) ...
+        assert parrot.answered_with_abort()
+        # ... but the stop returned only once it had finished: what the node closes
+        # next (spool, index) does not go away under it. The received file was the
+        # storage call's: the abort did not delete it, so the instance is durable and
+        # indexed, though never acknowledged.
+        assert released_first and took < 10
+        assert _instances(node) == [uid]
     parrot.close()
     assert not any(node.spool.incoming.iterdir())
+
+
+def test_a_response_never_overtakes_the_one_pynetdicom_queued_before_it(
+    node: Node, tmp_path: Path
+) -> None:
+    instances = _study(tmp_path, 5)
+    parrot = _associate(node)
+    for message_id, (uid, data) in enumerate(instances, start=2):
+        # A C-ECHO (pynetdicom's) and, without waiting for its response, a C-STORE
+        # whose command and data share one PDU (the lane's).
+        parrot.send(p_data(1, 0b11, _echo_request()) + p_data_items(
+            (1, 0b11, c_store_command(CT_IMAGE_STORAGE, uid, message_id)), (1, 0b10, data)))
+        first, second = parrot.receive_command(), parrot.receive_command()
+        assert (first.CommandField, second.CommandField) == (0x8030, 0x8001)
+        assert (second.MessageIDBeingRespondedTo, second.Status) == (message_id, 0)
+    parrot.close()
+    assert _instances(node) == sorted(uid for uid, _ in instances)
 
 
 def test_the_idle_timeout_does_not_cut_a_slow_store(tmp_path: Path, database_url: str) -> None:
