@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 from pynetdicom import evt
-from pynetdicom.dimse_messages import C_ECHO_RQ, C_STORE_RQ
-from pynetdicom.dimse_primitives import C_ECHO, C_STORE
+from pynetdicom.dimse_messages import C_STORE_RQ
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode
 from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.pdu_primitives import P_DATA
@@ -30,6 +30,7 @@ from gateway.store_lane import (
     pdv_items,
 )
 from tests.helpers.parrot import (
+    c_echo_command,
     c_store_command,
 )
 
@@ -57,15 +58,6 @@ def _element(element: int, value: bytes) -> bytes:
     return struct.pack("<HHI", 0x0000, element, len(value)) + value
 
 
-def _echo_request() -> bytes:
-    primitive = C_ECHO()
-    primitive.MessageID = 1
-    primitive.AffectedSOPClassUID = "1.2.840.10008.1.1"
-    message = C_ECHO_RQ()
-    message.primitive_to_message(primitive)
-    return bytes(encode(message.command_set, True, True))
-
-
 PARSED = [
     ("pynetdicom's encoding", _request(), StoreCommand(7, CT, "1.2.3.4")),
     ("odd-length UIDs, low priority", _request(65535, 1, MR, "1.2.3.45"),
@@ -78,7 +70,7 @@ PARSED = [
 ]
 
 NOT_PLAIN = [
-    ("a C-ECHO", _echo_request()),
+    ("a C-ECHO", c_echo_command()),
     ("no data set", _request().replace(
         _element(0x0800, b"\x01\x00"), _element(0x0800, b"\x01\x01"))),
     ("an element outside a C-STORE-RQ", _request() + _element(0x0902, b"AB")),

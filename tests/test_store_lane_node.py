@@ -13,9 +13,6 @@ from typing import Any
 
 import pytest
 from pydicom import dcmread
-from pynetdicom.dimse_messages import C_ECHO_RQ
-from pynetdicom.dimse_primitives import C_ECHO
-from pynetdicom.dsutils import encode
 from sqlalchemy import text
 
 from gateway import store_lane
@@ -32,6 +29,7 @@ from tests.helpers.parrot import (
     CT_IMAGE_STORAGE,
     Parrot,
     associate_rq,
+    c_echo_command,
     c_store_command,
     p_data,
     p_data_items,
@@ -39,15 +37,6 @@ from tests.helpers.parrot import (
 from tests.helpers.scu import send_files
 
 pytestmark = pytest.mark.integration
-
-
-def _echo_request() -> bytes:
-    primitive = C_ECHO()
-    primitive.MessageID = 1
-    primitive.AffectedSOPClassUID = "1.2.840.10008.1.1"
-    message = C_ECHO_RQ()
-    message.primitive_to_message(primitive)
-    return bytes(encode(message.command_set, True, True))
 
 
 @pytest.fixture
@@ -84,7 +73,7 @@ def _associate(node: Node, **kwargs: Any) -> Parrot:
     parrot.send(associate_rq("MODALITY", "GATEWAY", **kwargs))
     pdu = parrot.receive_pdu()
     assert pdu is not None and pdu[0] == 0x02, "association should be accepted"
-    parrot.send(p_data(1, 0b11, _echo_request()))
+    parrot.send(p_data(1, 0b11, c_echo_command()))
     assert parrot.receive_command().Status == 0x0000
     return parrot
 
@@ -162,7 +151,7 @@ def test_messages_outside_the_plain_shape_go_to_pynetdicom_on_the_same_associati
     response = parrot.receive_command()
     assert (response.Status, response.MessageIDBeingRespondedTo) == (0x0000, 2)
     # A C-ECHO between two C-STOREs.
-    parrot.send(p_data(1, 0b11, _echo_request()))
+    parrot.send(p_data(1, 0b11, c_echo_command()))
     assert parrot.receive_command().Status == 0x0000
     parrot.send(p_data(1, 0b11, c_store_command(CT_IMAGE_STORAGE, third, 3)))
     parrot.send(p_data(1, 0b10, third_data))
@@ -347,7 +336,7 @@ def test_a_response_never_overtakes_the_one_pynetdicom_queued_before_it(
     for message_id, (uid, data) in enumerate(instances, start=2):
         # A C-ECHO (pynetdicom's) and, without waiting for its response, a C-STORE
         # whose command and data share one PDU (the lane's).
-        parrot.send(p_data(1, 0b11, _echo_request()) + p_data_items(
+        parrot.send(p_data(1, 0b11, c_echo_command()) + p_data_items(
             (1, 0b11, c_store_command(CT_IMAGE_STORAGE, uid, message_id)), (1, 0b10, data)))
         first, second = parrot.receive_command(), parrot.receive_command()
         assert (first.CommandField, second.CommandField) == (0x8030, 0x8001)

@@ -11,6 +11,8 @@ import struct
 from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
+from pynetdicom.dimse_messages import C_ECHO_RQ
+from pynetdicom.dimse_primitives import C_ECHO
 from pynetdicom.dsutils import decode, encode
 from pynetdicom.pdu import A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import (
@@ -71,6 +73,16 @@ def c_store_command(sop_class: str, sop_instance: str, message_id: int = 1) -> b
     body = encode(command, True, True)
     group_length = struct.pack("<HHLL", 0x0000, 0x0000, 4, len(body))
     return group_length + bytes(body)
+
+
+def c_echo_command(message_id: int = 1) -> bytes:
+    """An encoded C-ECHO-RQ command set, as pynetdicom encodes it."""
+    primitive = C_ECHO()
+    primitive.MessageID = message_id
+    primitive.AffectedSOPClassUID = "1.2.840.10008.1.1"
+    message = C_ECHO_RQ()
+    message.primitive_to_message(primitive)
+    return bytes(encode(message.command_set, True, True))
 
 
 @dataclass
