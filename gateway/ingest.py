@@ -300,7 +300,8 @@ class Ingestor:
                     raise _RefusedError(Status.CANNOT_UNDERSTAND, "empty dataset")
                 _check_matches_request(attributes, received)
                 decision = routing.router(header, sender) if routing.router else None
-            digest, sha1 = _digests(stream, offset, with_sha1=is_document(attributes.sop_class_uid))
+            digest, sha1 = _digests(stream, offset, size,
+                                    with_sha1=is_document(attributes.sop_class_uid))
         return InstanceRecord(
             attributes=attributes,
             transfer_syntax_uid=received.transfer_syntax_uid,
@@ -337,17 +338,19 @@ def _outcome_of(
         return exc
 
 
-def _digests(stream: BufferedReader, offset: int, *, with_sha1: bool) -> tuple[str, str | None]:
+def _digests(
+    stream: BufferedReader, offset: int, size: int, *, with_sha1: bool
+) -> tuple[str, str | None]:
     """SHA-256 of the dataset (from *offset*) and, for documents, SHA-1 of the whole file
-    (FHIR attachments use SHA-1). Read in chunks: a mapping would count in RSS."""
+    of *size* bytes (FHIR attachments use SHA-1). Read in chunks: a mapping would count
+    in RSS. The buffer is no larger than what there is to read (zeroing a whole chunk
+    cost more than hashing a small instance)."""
     digest = hashlib.sha256()
     whole = hashlib.sha1() if with_sha1 else None  # noqa: S324 - required by FHIR Attachment.hash
-    buffer = bytearray(_HASH_CHUNK)
+    position = 0 if whole else offset
+    buffer = bytearray(min(_HASH_CHUNK, max(1, size - position)))
     view = memoryview(buffer)
-    position = 0
-    stream.seek(0 if whole else offset)
-    if not whole:
-        position = offset
+    stream.seek(position)
     while count := stream.readinto(buffer):
         chunk = view[:count]
         if whole is not None:
