@@ -49,7 +49,7 @@ _DATA_FRAGMENT = b"\x00"
 _DATA_LAST_FRAGMENT = b"\x02"
 
 _UID = re.compile(r"[0-9.]{1,64}")
-_ERROR_COMMENT_MAX = 64  # (0000,0902) is LO
+ERROR_COMMENT_MAX = 64  # (0000,0902) is LO
 _META_READ = 16 * 1024  # a meta group longer than this goes to pynetdicom's reader
 _original_split_dataset = _association.split_dataset
 
@@ -110,7 +110,7 @@ def c_store_rsp_command(*, message_id_being_responded_to: int, status: int,
     if error_comment:
         # LO: no backslash (the value delimiter) and no control characters.
         text = "".join(c if " " <= c <= "~" and c != "\\" else "?" for c in error_comment)
-        comment = text[:_ERROR_COMMENT_MAX].encode("ascii", "replace")
+        comment = text[:ERROR_COMMENT_MAX].encode("ascii", "replace")
         elements.append(_implicit(0x0902, comment + b" " if len(comment) % 2 else comment))
     if sop_instance_uid is not None:
         elements.append(_implicit(0x1000, _padded(sop_instance_uid, b"\x00")))
@@ -169,25 +169,25 @@ def _fast_c_store_rq(provider: Any, primitive: Any, context_id: int) -> bool:
         sop_class_uid=primitive.AffectedSOPClassUID,
         sop_instance_uid=primitive.AffectedSOPInstanceUID,
     )
-    if not _fits(provider, command):
+    if not fits(provider, command):
         return False
     path, offset = source
     # Opened before anything is sent: a missing file fails the send, not half a message.
     with open(path, "rb") as stream:
         length = stream.seek(0, 2) - stream.seek(offset)
-        _send_pdv(provider, context_id, _COMMAND_LAST_FRAGMENT + command)
+        send_pdv(provider, context_id, _COMMAND_LAST_FRAGMENT + command)
         for fragment in data_set_fragments(stream, length, provider.maximum_pdu_size):
-            _send_pdv(provider, context_id, fragment)
+            send_pdv(provider, context_id, fragment)
     return True
 
 
-def _fits(provider: Any, command: bytes) -> bool:
+def fits(provider: Any, command: bytes) -> bool:
     """Whether *command* fits in one PDV under the peer's maximum PDU (0: no limit)."""
     limit = provider.maximum_pdu_size
     return not limit or len(command) + 6 <= limit
 
 
-def _send_pdv(provider: Any, context_id: int, value: bytes) -> None:
+def send_pdv(provider: Any, context_id: int, value: bytes) -> None:
     """Queue one P-DATA-TF holding one PDV (message control header + fragment)."""
     pdata = P_DATA()
     pdata.presentation_data_value_list.append((context_id, value))
@@ -238,9 +238,9 @@ def _fast_c_store_rsp(provider: Any, primitive: Any, context_id: int) -> bool:
         sop_class_uid=primitive.AffectedSOPClassUID,
         sop_instance_uid=primitive.AffectedSOPInstanceUID,
     )
-    if not _fits(provider, command):
+    if not fits(provider, command):
         return False
-    _send_pdv(provider, context_id, _COMMAND_LAST_FRAGMENT + command)
+    send_pdv(provider, context_id, _COMMAND_LAST_FRAGMENT + command)
     return True
 
 

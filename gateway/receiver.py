@@ -48,6 +48,7 @@ from gateway.acceptance import (
 from gateway.config import NodeConfig
 from gateway.dicom import skip_value_validation_on_read
 from gateway.dicom.transfer_syntax import ACCEPTED_TRANSFER_SYNTAXES
+from gateway.dimse_codec import ERROR_COMMENT_MAX
 from gateway.index import repository
 from gateway.index.database import describe_error
 from gateway.index.repository import AssociationFacts, AssociationTotals, RecordOutcome
@@ -64,7 +65,6 @@ _PROTOCOL_HEADROOM = 64
 STORAGE_SOP_CLASSES = frozenset(str(cx.abstract_syntax) for cx in AllStoragePresentationContexts)
 ACCEPTED_ABSTRACT_SYNTAXES = STORAGE_SOP_CLASSES | {str(Verification)}
 _ACCEPTED_TS = frozenset(ACCEPTED_TRANSFER_SYNTAXES)
-_ERROR_COMMENT_MAX = 64  # (0000,0902) is LO
 _STORE_AT_STOP_WAIT = 15.0
 """Seconds a stop waits for instances still being stored once their associations are
 aborted (a storage call ends within the index's timeouts)."""
@@ -615,7 +615,7 @@ class Receiver:
             session.count(result)
         _log_store(result, received.sop_instance_uid)
         if result.error_comment and not result.ok:
-            return int(result.status), result.error_comment[:_ERROR_COMMENT_MAX]
+            return int(result.status), result.error_comment[:ERROR_COMMENT_MAX]
         return int(result.status), None
 
 
@@ -655,5 +655,5 @@ def _log_store(result: StoreResult, sop_instance_uid: str) -> None:
 def _status_dataset(status: Status, comment: str) -> Dataset:
     dataset = Dataset()
     dataset.Status = int(status)
-    dataset.ErrorComment = comment[:_ERROR_COMMENT_MAX]
+    dataset.ErrorComment = comment[:ERROR_COMMENT_MAX]
     return dataset

@@ -58,7 +58,14 @@ from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import uid_to_service_class
 
-from gateway.dimse_codec import c_store_rsp_command, file_meta_bytes, plain_uids
+from gateway.dimse_codec import (
+    ERROR_COMMENT_MAX,
+    c_store_rsp_command,
+    file_meta_bytes,
+    fits,
+    plain_uids,
+    send_pdv,
+)
 from gateway.dimse_reactor import SUPPORTED_VERSIONS
 from gateway.ingest import ReceivedInstance
 from gateway.logs import failure_fields, get_logger
@@ -447,17 +454,14 @@ def _respond(dul: Any, message: _Message, status: int, comment: str | None) -> N
         sop_class_uid=command.sop_class_uid, sop_instance_uid=command.sop_instance_uid,
         error_comment=comment,
     )
-    limit = dul.assoc.dimse.maximum_pdu_size
-    if not limit or len(encoded) + 6 <= limit:
+    dimse = dul.assoc.dimse
+    if fits(dimse, encoded):
         if dul.to_provider_queue.empty():
             dul.socket.send(c_store_rsp_pdu(message.context_id, encoded))
             return
         # pynetdicom has something queued to send (the response to a message it served
         # just before): ours goes after it, as it would from its association thread.
-        pdata = P_DATA()
-        pdata.presentation_data_value_list.append(
-            (message.context_id, bytes([_COMMAND | _LAST]) + encoded))
-        dul.send_pdu(pdata)
+        send_pdv(dimse, message.context_id, bytes([_COMMAND | _LAST]) + encoded)
         return
     # A peer accepting PDUs too small for a whole command set: pynetdicom fragments it.
     response = C_STORE()
@@ -466,8 +470,8 @@ def _respond(dul: Any, message: _Message, status: int, comment: str | None) -> N
     response.AffectedSOPInstanceUID = command.sop_instance_uid
     response.Status = status
     if comment:
-        response.ErrorComment = comment[:64]
-    dul.assoc.dimse.send_msg(response, message.context_id)
+        response.ErrorComment = comment[:ERROR_COMMENT_MAX]
+    dimse.send_msg(response, message.context_id)
 
 
 # --- wiring ----------------------------------------------------------------------------
