@@ -52,6 +52,8 @@ STOP_TIMEOUT_SECONDS = 90.0
 RESTART_DELAYS = (1.0, 2.0, 5.0, 10.0, 30.0)
 # A worker that ran this long before exiting starts again after the first delay.
 STABLE_SECONDS = 60.0
+NOTIFY_INTERVAL_SECONDS = 0.02
+"""The shortest time between two wake-up messages to the worker."""
 _PR_SET_PDEATHSIG = 1
 
 
@@ -335,7 +337,12 @@ class WorkerProcess:
             self._pending.notify()
 
     def _notify_loop(self) -> None:
-        """Send the pending wake-ups, merged, until the node stops."""
+        """Send the pending wake-ups, merged, until the node stops.
+
+        After a send, the next waits :data:`NOTIFY_INTERVAL_SECONDS`: while instances
+        arrive, one message covers all of them (the worker lets work gather for longer
+        than that anyway) instead of one message, and one wake-up of each process, per
+        instance."""
         while True:
             with self._pending:
                 while not (self._pending_upload or self._pending_destinations
@@ -355,6 +362,7 @@ class WorkerProcess:
                     self._send({"op": "refresh_paused"})
                 if upload or destinations:
                     self._send({"op": "stored", "destinations": destinations})
+            self._stopping.wait(NOTIFY_INTERVAL_SECONDS)
 
     def reconfigure(self, config: GatewayConfig) -> None:
         with self._config_lock:

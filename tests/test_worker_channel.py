@@ -1,14 +1,27 @@
-"""The worker's end of the channel: one failing message does not end it."""
+"""The channel between the listener and the worker: one failing message does not end
+it, and wake-ups are merged."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
+import time
+from pathlib import Path
 from typing import Any
 
 from structlog.testing import capture_logs
 
-from gateway.worker_process import _Worker, receive_message, send_message
+from gateway.metrics import Metrics
+from gateway.worker_process import (
+    NOTIFY_INTERVAL_SECONDS,
+    ChannelClosedError,
+    WorkerProcess,
+    _Worker,
+    receive_message,
+    send_message,
+)
+from tests.helpers.nodes import make_config
 
 
 class _Background:
@@ -72,3 +85,35 @@ def test_a_message_split_across_reads_arrives_whole() -> None:
     sender.join(10)
     left.close()
     right.close()
+
+
+def test_wake_ups_while_instances_arrive_are_merged_into_few_messages(tmp_path: Path) -> None:
+    listener_end, worker_end = socket.socketpair()
+    config = make_config(tmp_path, "sqlite:///" + str(tmp_path / "index.db"))
+    channel = WorkerProcess(config, node_name="node-test", spool_lock_fd=None,
+                            metrics=Metrics())
+    channel._socket = listener_end
+    channel._notifier.start()
+    started = time.monotonic()
+    for index in range(300):  # an instance stored every 0.5 ms, for 0.15 s
+        channel.wake_upload()
+        channel.wake_forward([f"pacs{index % 3}"])
+        time.sleep(0.0005)
+    elapsed = time.monotonic() - started
+    time.sleep(3 * NOTIFY_INTERVAL_SECONDS)
+    channel._stopping.set()
+    with channel._pending:
+        channel._pending.notify_all()
+    channel._notifier.join(5)
+    worker_end.settimeout(1)
+    messages = []
+    listener_end.shutdown(socket.SHUT_WR)
+    with contextlib.suppress(ChannelClosedError):
+        while True:
+            messages.append(receive_message(worker_end))
+    assert all(message["op"] == "stored" for message in messages)
+    assert 1 <= len(messages) <= elapsed / NOTIFY_INTERVAL_SECONDS + 2
+    assert set().union(*(message["destinations"] for message in messages)) == {
+        "pacs0", "pacs1", "pacs2"}
+    listener_end.close()
+    worker_end.close()
