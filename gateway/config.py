@@ -130,6 +130,12 @@ class StorageConfig(_Model):
     """Backoff while the object store is unavailable."""
     min_free_bytes: int = Field(default=512 * 1024 * 1024, ge=0)
     """Refuse new instances (0xA700) when the spool file system has less free space."""
+    spool_in_index_max_bytes: int = Field(default=128 * 1024, ge=0, le=16 * 1024 * 1024)
+    """Instances up to this size (the Part 10 object) are spooled inside the index: their
+    bytes are committed in the same transaction as their index row, one flush of the
+    database per instance instead of a file's, its directory's and the database's, and
+    they are held in memory while they arrive. Larger ones are spooled as files in
+    ``spool_dir``. 0: every instance as a file."""
 
     @field_validator("object_store")
     @classmethod

@@ -1,10 +1,12 @@
 """Where an instance is acknowledged: durable in the spool and committed in the index.
 
-:meth:`Ingestor.store` takes a fully received Part 10 file, reads only its header,
-fsyncs it into the spool and commits its index row, then returns the status for the
-C-STORE response. Success is returned only after both are on stable storage. Any
-failure leaves no partial record: the spool file is removed and the transaction is
-rolled back.
+:meth:`Ingestor.store` takes a fully received Part 10 object, reads only its header,
+makes it durable and commits its index row, then returns the status for the C-STORE
+response. Success is returned only after both are on stable storage. A small object
+(up to ``storage.spool_in_index_max_bytes``) is spooled in the index itself: its bytes
+go into the same transaction as its index row, so one commit makes both durable. A
+larger one is fsynced into the spool directory first. Any failure leaves no partial
+record: the spool file is removed and the transaction is rolled back.
 """
 
 from __future__ import annotations
@@ -46,12 +48,19 @@ _HASH_CHUNK = 1024 * 1024
 
 @dataclass(frozen=True, slots=True)
 class ReceivedInstance:
-    """A C-STORE request whose dataset has been fully written to *path* (Part 10)."""
+    """A C-STORE request whose dataset has been fully received as a Part 10 object:
+    written to the file *path*, or held in memory as *content* (then *path* is None)."""
 
-    path: Path
+    path: Path | None
     sop_class_uid: str
     sop_instance_uid: str
     transfer_syntax_uid: str
+    content: bytes | bytearray | None = None
+
+    def discard(self) -> None:
+        """Remove the received file, if there is one (it will not be kept)."""
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +100,16 @@ class _Routing:
     header_tags: frozenset[int]
 
 
+@dataclass(frozen=True, slots=True)
+class _Parsed:
+    """What the header of a received object says, for its index record."""
+
+    attributes: InstanceAttributes
+    offset: int
+    """Where the data set starts (after the file meta group)."""
+    decision: RoutingDecision | None
+
+
 class _CommitUncertainError(Exception):
     """COMMIT failed: the transaction may or may not have been applied."""
 
@@ -120,10 +139,13 @@ class Ingestor:
         on_stored: Callable[[Mapping[str, str]], None] | None = None,
         clock: Callable[[], dt.datetime] = _utcnow,
         on_batch: Callable[[int], None] | None = None,
+        in_index_max_bytes: int = 0,
     ) -> None:
         self.engine = engine
         self.spool = spool
         self.node_name = node_name
+        self.in_index_max_bytes = in_index_max_bytes
+        """Objects up to this size are spooled in the index (see the module's docstring)."""
         self._routing = _Routing(router, INDEXED_TAGS | frozenset(extra_tags))
         self.on_stored = on_stored or (lambda destinations: None)
         self.clock = clock
@@ -139,21 +161,36 @@ class Ingestor:
     def store(self, received: ReceivedInstance, sender: Sender) -> StoreResult:
         """Make *received* durable and indexed; return the C-STORE status to send."""
         try:
+            received = self._in_memory_if_small(received)
             record = self._read(received, sender)
             self._check_room()
         except _RefusedError as refusal:
-            self.spool.discard_received(received.path)
+            received.discard()
             return StoreResult(refusal.status, error_comment=refusal.comment)
         except OSError as exc:
-            self.spool.discard_received(received.path)
+            received.discard()
             log.error("spool_read_failed", error=str(exc))
             return StoreResult(Status.OUT_OF_RESOURCES, error_comment="spool read failed")
+        if received.content is not None:
+            # Spooled in the index: the commit below makes the bytes durable with the row.
+            received.discard()
+            return self._index(replace(record, content=received.content))
+        assert received.path is not None
         try:
             spool_name = self.spool.persist(received.path)
         except SpoolError as exc:
             log.error("spool_write_failed", error=str(exc))
             return StoreResult(Status.OUT_OF_RESOURCES, error_comment="spool write failed")
         return self._index(replace(record, spool_name=spool_name))
+
+    def _in_memory_if_small(self, received: ReceivedInstance) -> ReceivedInstance:
+        """A received file small enough to be spooled in the index, read into memory (the
+        file itself is not durable yet, and making it so would cost two flushes)."""
+        if received.content is not None or received.path is None:
+            return received
+        if received.path.stat().st_size > self.in_index_max_bytes:
+            return received
+        return replace(received, content=received.path.read_bytes())
 
     def _check_room(self) -> None:
         if not self.spool.has_room():
@@ -171,13 +208,13 @@ class Ingestor:
             log.error("index_commit_uncertain", error=describe_error(exc.__cause__ or exc))
             return StoreResult(Status.OUT_OF_RESOURCES, error_comment="index database unavailable")
         except DataError as exc:
-            self.spool.discard(spool_name)
+            self._discard_spooled(spool_name)
             log.warning("index_refused_values", error=describe_error(exc))
             return StoreResult(
                 Status.CANNOT_UNDERSTAND, error_comment="attribute values cannot be indexed"
             )
         except SQLAlchemyError as exc:
-            self.spool.discard(spool_name)
+            self._discard_spooled(spool_name)
             log.error("index_write_failed", error=describe_error(exc))
             return StoreResult(Status.OUT_OF_RESOURCES, error_comment="index database unavailable")
 
@@ -189,7 +226,7 @@ class Ingestor:
             log.warning("spool_file_restored", sop_instance_uid=record.attributes.sop_instance_uid)
             self.on_stored({})
         else:
-            self.spool.discard(spool_name)
+            self._discard_spooled(spool_name)
         return StoreResult(
             Status.SUCCESS,
             outcome=result.outcome,
@@ -198,6 +235,10 @@ class Ingestor:
             attributes=record.attributes,
             destinations=destinations,
         )
+
+    def _discard_spooled(self, spool_name: str | None) -> None:
+        if spool_name is not None:
+            self.spool.discard(spool_name)
 
     def _commit(self, record: InstanceRecord) -> repository.RecordResult:
         """Record the instance, in a transaction shared with the instances other
@@ -279,37 +320,62 @@ class Ingestor:
         raise AssertionError("unreachable")
 
     def _read(self, received: ReceivedInstance, sender: Sender) -> InstanceRecord:
-        """Read the header and checksum of the received file (never the pixel data)."""
-        routing = self._routing
+        """Read the header and checksum of the received object (never the pixel data)."""
+        if received.content is not None:
+            content = memoryview(received.content)
+            parsed = self._parse(content, received, sender)
+            whole = (hashlib.sha1(content)  # noqa: S324 - required by FHIR Attachment.hash
+                     if is_document(parsed.attributes.sop_class_uid) else None)
+            return self._record(
+                received, sender, parsed, size=len(content),
+                sha256=hashlib.sha256(content[parsed.offset:]).hexdigest(),
+                sha1=whole.hexdigest() if whole else None,
+            )
+        assert received.path is not None
         with received.path.open("rb") as stream:
             size = stream.seek(0, 2)
             if size == 0:
                 raise _RefusedError(Status.CANNOT_UNDERSTAND, "empty dataset")
             with mmap.mmap(stream.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-                try:
-                    _, offset = read_file_meta(mapped)
-                    header = read_header(
-                        mapped, offset, dataset_encoding(received.transfer_syntax_uid),
-                        routing.header_tags,
-                    )
-                    attributes = extract_attributes(header)
-                except (HeaderError, InvalidInstanceError) as exc:
-                    comment = f"cannot read dataset: {exc}"
-                    raise _RefusedError(Status.CANNOT_UNDERSTAND, comment) from exc
-                if offset >= size:
-                    raise _RefusedError(Status.CANNOT_UNDERSTAND, "empty dataset")
-                _check_matches_request(attributes, received)
-                decision = routing.router(header, sender) if routing.router else None
-            digest, sha1 = _digests(stream, offset, size,
-                                    with_sha1=is_document(attributes.sop_class_uid))
+                parsed = self._parse(mapped, received, sender)
+            digest, sha1 = _digests(stream, parsed.offset, size,
+                                    with_sha1=is_document(parsed.attributes.sop_class_uid))
+        return self._record(received, sender, parsed, size=size, sha256=digest, sha1=sha1)
+
+    def _parse(
+        self, buffer: mmap.mmap | memoryview, received: ReceivedInstance, sender: Sender
+    ) -> _Parsed:
+        """The indexed attributes, data set offset and routing of a Part 10 object."""
+        routing = self._routing
+        try:
+            _, offset = read_file_meta(buffer)
+            header = read_header(
+                buffer, offset, dataset_encoding(received.transfer_syntax_uid),
+                routing.header_tags,
+            )
+            attributes = extract_attributes(header)
+        except (HeaderError, InvalidInstanceError) as exc:
+            comment = f"cannot read dataset: {exc}"
+            raise _RefusedError(Status.CANNOT_UNDERSTAND, comment) from exc
+        if offset >= len(buffer):
+            raise _RefusedError(Status.CANNOT_UNDERSTAND, "empty dataset")
+        _check_matches_request(attributes, received)
+        decision = routing.router(header, sender) if routing.router else None
+        return _Parsed(attributes, offset, decision)
+
+    def _record(
+        self, received: ReceivedInstance, sender: Sender, parsed: _Parsed, *,
+        size: int, sha256: str, sha1: str | None,
+    ) -> InstanceRecord:
+        decision = parsed.decision
         return InstanceRecord(
-            attributes=attributes,
+            attributes=parsed.attributes,
             transfer_syntax_uid=received.transfer_syntax_uid,
             size=size,
-            dataset_offset=offset,
-            sha256=digest,
+            dataset_offset=parsed.offset,
+            sha256=sha256,
             sha1=sha1,
-            spool_name="",
+            spool_name=None,
             received_by=self.node_name,
             calling_ae=sender.calling_ae,
             called_ae=sender.called_ae,

@@ -103,6 +103,7 @@ class Node:
             extra_tags=header_tags(rules),
             on_stored=self._on_stored,
             on_batch=self.metrics.commit_batch.observe,
+            in_index_max_bytes=config.storage.spool_in_index_max_bytes,
         )
         policy = AcceptancePolicy.build(
             config.node.ae_title, config.node.accept_unknown_calling_ae, config.calling_ae
@@ -209,6 +210,7 @@ class Node:
         with self.engine.begin() as connection:
             interrupted = repository.mark_interrupted_associations(connection, self.name, now)
             referenced = repository.spooled_names(connection, self.name)
+            backlog = repository.spool_backlog(connection, self.name)
         on_disk = self.spool.ready_names()
         # In ready/ but not in the index: normally a commit that never happened (so never
         # acknowledged; the sender sends it again), but also what a database restored
@@ -229,7 +231,7 @@ class Node:
             unreferenced_spool_files_quarantined=len(orphans),
             quarantined_files_expired=swept,
             interrupted_associations=interrupted,
-            pending_uploads=len(referenced),
+            pending_uploads=backlog,
         )
 
     def stop(self) -> None:

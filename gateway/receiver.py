@@ -429,6 +429,7 @@ class Receiver:
             self.ingestor.spool.incoming,
             functools.partial(self._store, assoc),
             {"assoc_id": facts.association_id, "calling_ae": facts.calling_ae},
+            in_memory_max=self.ingestor.in_index_max_bytes,
         ))
 
     def _on_rejected_by_provider(self, event: Any) -> None:
@@ -600,7 +601,7 @@ class Receiver:
         except Exception as exc:  # noqa: BLE001 - answered 0x0110, logged without the message
             log.error("c_store_internal_error", sop_instance_uid=received.sop_instance_uid,
                       **failure_fields(exc))
-            self.ingestor.spool.discard_received(received.path)
+            received.discard()
             result = StoreResult(Status.PROCESSING_FAILURE, error_comment="internal error")
         finally:
             with self._stored:

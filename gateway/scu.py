@@ -31,12 +31,12 @@ from sqlalchemy import Engine, select
 from gateway import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from gateway.acceptance import describe_rejection
 from gateway.config import DestinationConfig, MorphConfig
-from gateway.index import orders
+from gateway.index import orders, repository
 from gateway.index.queue import ClaimedJob
-from gateway.index.repository import instance_table
+from gateway.index.repository import SPOOLED, instance_table
 from gateway.morph import apply_morph
 from gateway.objectstore import ObjectStore, ObjectStoreError
-from gateway.spool import Spool
+from gateway.spool import Spool, content_path
 from gateway.status import StatusCategory, classify, describe
 from gateway.transfer import Mode, SendPlan, contexts_for, plan, syntax_name
 
@@ -257,29 +257,38 @@ class DestinationLink:
         """A path to the instance's stored bytes, valid while the block runs.
 
         The path is ``/proc/self/fd/N`` of a descriptor held open here, so the uploader
-        may delete the spool file meanwhile without pulling it from under the send.
+        may delete the spool file (or the bytes spooled in the index) meanwhile without
+        pulling it from under the send.
         """
-        fd = _open(self.spool.path(job.spool_name)) if job.spool_name else None
-        temporary: Path | None = None
-        try:
-            if fd is None:
-                key = job.object_key or self._object_key_now(job.instance_pk)
-                if key is None:
-                    raise _SourceUnavailableError("instance is neither in the spool nor stored")
-                local = self.store.local_path(key)
-                if local is not None:
-                    fd = _open(local)
-                else:
-                    temporary = self._download(key)
-                    fd = _open(temporary)
-            if fd is None:
-                raise _SourceUnavailableError("instance file is missing")
-            yield Path(f"/proc/self/fd/{fd}")
-        finally:
+        with contextlib.ExitStack() as cleanup:
+            yield self._source_path(job, cleanup)
+
+    def _source_path(self, job: ClaimedJob, cleanup: contextlib.ExitStack) -> Path:
+        if job.spool_name:
+            fd = _open(self.spool.path(job.spool_name))
             if fd is not None:
-                os.close(fd)
-            if temporary is not None:
-                temporary.unlink(missing_ok=True)
+                return _held(fd, cleanup)
+        elif job.instance_state == SPOOLED:
+            content = self._spooled_content(job.instance_pk)
+            if content is not None:
+                return cleanup.enter_context(content_path(content))
+        # Not (or no longer: the uploader may have moved it after we claimed the job)
+        # in the spool: the object store has it.
+        key = job.object_key or self._object_key_now(job.instance_pk)
+        if key is None:
+            raise _SourceUnavailableError("instance is neither in the spool nor stored")
+        local = self.store.local_path(key)
+        if local is None:
+            local = self._download(key)
+            cleanup.callback(local.unlink, missing_ok=True)
+        fd = _open(local)
+        if fd is None:
+            raise _SourceUnavailableError("instance file is missing")
+        return _held(fd, cleanup)
+
+    def _spooled_content(self, instance_pk: int) -> bytes | None:
+        with self.engine.connect() as connection:
+            return repository.spooled_contents(connection, [instance_pk]).get(instance_pk)
 
     def _order_demographics(self, study_instance_uid: str) -> MorphConfig | None:
         """The matched order's patient demographics, as a morph of the forwarded copy."""
@@ -296,7 +305,6 @@ class DestinationLink:
         return MorphConfig(set=present) if present else None
 
     def _object_key_now(self, instance_pk: int) -> str | None:
-        # The uploader may have moved it to the object store after we claimed the job.
         with self.engine.connect() as connection:
             key = connection.execute(
                 select(instance_table.c.object_key).where(instance_table.c.id == instance_pk)
@@ -335,6 +343,12 @@ def _failure(exc: Exception) -> SendResult:
         return SendResult(None, StatusCategory.PERMANENT_FAILURE, detail)
     # Unreadable source, lost connection, I/O: worth another try.
     return SendResult(None, StatusCategory.TRANSIENT_FAILURE, f"send failed: {exc}")
+
+
+def _held(fd: int, cleanup: contextlib.ExitStack) -> Path:
+    """A path to read the open descriptor *fd* from; *cleanup* closes it."""
+    cleanup.callback(os.close, fd)
+    return Path(f"/proc/self/fd/{fd}")
 
 
 def _open(path: Path) -> int | None:

@@ -11,6 +11,10 @@ Layout under ``spool_dir``:
   kept, not deleted, for ``orphan_retention`` and then removed.
 - ``node-id``: this spool's identity in a shared database; ``lock``: held while a node
   runs on this spool, so two processes can never share it.
+
+Instances small enough (``storage.spool_in_index_max_bytes``) are not here at all: they
+are spooled in the index, in the transaction of their index row (:mod:`gateway.ingest`).
+:func:`content_path` lets them be read like a spool file.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from gateway.logs import get_logger
@@ -42,6 +46,20 @@ def _fsync_directory(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def content_path(content: bytes) -> Iterator[Path]:
+    """A path to read *content* from as from a file (an anonymous file in memory), for
+    the code that sends or uploads files; valid while the block runs."""
+    fd = os.memfd_create("spooled-content", os.MFD_CLOEXEC)
+    try:
+        view = memoryview(content)
+        while view:
+            view = view[os.write(fd, view):]
+        yield Path(f"/proc/self/fd/{fd}")
     finally:
         os.close(fd)
 

@@ -13,9 +13,10 @@ DUL thread then reads each PDU as pynetdicom does (same checks, same state machi
 events for anything that is not data) and gives P-DATA-TF PDUs to the lane, which:
 
 - takes a message whose command set arrives whole in one PDV and is a plain C-STORE-RQ
-  (:func:`parse_store_command`) on an accepted context of the same SOP class: it writes
-  the Part 10 preamble and file meta group, then each data fragment as it arrives,
-  straight from the received PDU into a file in the spool's ``incoming/`` directory;
+  (:func:`parse_store_command`) on an accepted context of the same SOP class: it puts
+  the Part 10 preamble and file meta group, then each data fragment as it arrives, in
+  memory while the object is small enough to be spooled in the index, and from the
+  fragment that makes it larger in a file in the spool's ``incoming/`` directory;
 - on the last fragment calls the listener's storage function (the same one pynetdicom's
   C-STORE event calls: durable, indexed, then a status) and sends the C-STORE-RSP itself;
 - hands every other PDV to pynetdicom's DIMSE provider, one at a time, as pynetdicom's
@@ -168,6 +169,8 @@ class _Message:
     path: Path | None = None
     fd: int | None = None
     error: str | None = None
+    content: bytearray | None = None
+    """The object so far, while it is held in memory (then *fd* and *path* are None)."""
 
 
 class ProtocolError(Exception):
@@ -198,6 +201,8 @@ class StoreLane:
     incoming: Path
     serve: Serve
     log_context: dict[str, str] = field(default_factory=dict)
+    in_memory_max: int = 0
+    """Bytes of an object held in memory (to be spooled in the index); beyond, a file."""
     served: int = 0
     """C-STOREs answered by the lane (for tests and diagnostics)."""
     _message: _Message | None = None
@@ -327,22 +332,32 @@ class StoreLane:
         syntax = str(context.transfer_syntax[0]) if context.transfer_syntax else ""
         if not plain_uids(syntax):
             return False
-        message = _Message(context_id, command, syntax)
+        content = bytearray(_PREAMBLE)
+        content += file_meta_bytes(
+            sop_class_uid=command.sop_class_uid,
+            sop_instance_uid=command.sop_instance_uid,
+            transfer_syntax=syntax,
+            implementation_uid=pynetdicom.PYNETDICOM_IMPLEMENTATION_UID,
+            implementation_version=pynetdicom.PYNETDICOM_IMPLEMENTATION_VERSION,
+        )
+        message = _Message(context_id, command, syntax, content=content)
+        self._message = message
+        if len(content) > self.in_memory_max:
+            self._to_file(message, b"")
+        return True
+
+    def _to_file(self, message: _Message, data: memoryview | bytes) -> None:
+        """Continue *message* in a file: what is held in memory, then *data*."""
+        held, message.content = message.content, None
         try:
             fd, message.path = _create(self.incoming)
             message.fd = fd
             self._partial = message.path
-            _write_all(fd, _PREAMBLE + file_meta_bytes(
-                sop_class_uid=command.sop_class_uid,
-                sop_instance_uid=command.sop_instance_uid,
-                transfer_syntax=syntax,
-                implementation_uid=pynetdicom.PYNETDICOM_IMPLEMENTATION_UID,
-                implementation_version=pynetdicom.PYNETDICOM_IMPLEMENTATION_VERSION,
-            ))
+            _write_all(fd, held or b"")
+            if data:
+                _write_all(fd, data)
         except OSError as exc:
             _failed(message, exc)
-        self._message = message
-        return True
 
     def _data(self, dul: Any, context_id: int, control: int, data: memoryview) -> None:
         message = self._message
@@ -351,7 +366,12 @@ class StoreLane:
             raise ProtocolError("command fragment inside a data set")
         if context_id != message.context_id:
             raise ProtocolError("data fragment for another presentation context")
-        if message.fd is not None:
+        if message.content is not None:
+            if len(message.content) + len(data) > self.in_memory_max:
+                self._to_file(message, data)
+            else:
+                message.content += data
+        elif message.fd is not None:
             try:
                 _write_all(message.fd, data)
             except OSError as exc:
@@ -371,7 +391,7 @@ class StoreLane:
         # From here the file is the storage function's (it keeps or removes it): an
         # abort while it runs must not delete it under it.
         self._partial = None
-        if message.error is None and message.path is not None:
+        if message.error is None and (message.path is not None or message.content is not None):
             command = message.command
             # pynetdicom's association thread never checks the idle timer while its
             # handler runs; that thread is free now, so the timer waits with the handler.
@@ -380,12 +400,12 @@ class StoreLane:
             try:
                 status, comment = self.serve(ReceivedInstance(
                     message.path, command.sop_class_uid, command.sop_instance_uid,
-                    message.transfer_syntax,
+                    message.transfer_syntax, message.content,
                 ))
             except Exception as exc:  # noqa: BLE001 - answered as pynetdicom answers it
                 log.error("c_store_internal_error",
                           sop_instance_uid=command.sop_instance_uid, **failure_fields(exc))
-                message.path.unlink(missing_ok=True)
+                _drop_file(message)
                 status, comment = _HANDLER_FAILED, None
         self.served += 1
         dul._idle_timer.restart()
@@ -415,6 +435,7 @@ def _failed(message: _Message, exc: OSError) -> None:
 
 
 def _drop_file(message: _Message) -> None:
+    message.content = None
     fd, message.fd = message.fd, None
     if fd is not None:
         with contextlib.suppress(OSError):
@@ -441,7 +462,7 @@ def _create(directory: Path) -> tuple[int, Path]:
     raise FileExistsError(errno.EEXIST, "no free name for a received file", str(directory))
 
 
-def _write_all(fd: int, data: bytes | memoryview) -> None:
+def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]

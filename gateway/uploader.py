@@ -2,17 +2,21 @@
 
 The index is the outbox: every ``spooled`` row of this node is an upload to do. The
 spool file is deleted only after the object store holds a verified copy *and* the row
-records its key, so a crash at any point leaves either the spool file or the object.
+records its key, so a crash at any point leaves either the spool file or the object. An
+instance spooled in the index has its bytes deleted in the transaction that records it
+as stored.
 While the store is unavailable, instances wait in the spool; receiving is unaffected.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine
@@ -29,9 +33,10 @@ from gateway.objectstore import (
     ObjectStore,
     ObjectStoreError,
     ObjectVerificationError,
+    Upload,
     object_key,
 )
-from gateway.spool import Spool
+from gateway.spool import Spool, content_path
 
 log = get_logger(__name__)
 
@@ -146,19 +151,22 @@ class Uploader:
     # --- one batch -----------------------------------------------------------------------
 
     def _upload_batch(self, rows: list[Any]) -> None:
-        uploaded: list[tuple[Any, str]] = []
         try:
-            for row in rows:
-                if self._stopping.is_set() or time.monotonic() < self._paused_until:
-                    break  # the rest stays spooled and is claimed again later
-                try:
-                    key = self._put(row)
-                except Exception as exc:  # noqa: BLE001 - logged (safely) and retried with backoff
-                    log.error("upload_internal_error", instance_pk=row.id, **failure_fields(exc))
-                    self._record_failure(row, "internal error (see log)")
-                    continue
-                if key is not None:
-                    uploaded.append((row, key))
+            try:
+                contents = self._contents(rows)
+            except SQLAlchemyError as exc:  # the rows stay spooled and are claimed again
+                log.error("upload_queue_read_failed", error=describe_error(exc))
+                return
+            with contextlib.ExitStack() as held:
+                uploads = []
+                for row in rows:
+                    if self._stopping.is_set() or time.monotonic() < self._paused_until:
+                        break  # the rest stays spooled and is claimed again later
+                    path = self._source(row, contents.get(row.id), held)
+                    if path is not None:
+                        uploads.append((row, Upload(self._key(row), path, ExpectedContent(
+                            row.size, row.dataset_offset, row.sha256))))
+                uploaded = self._put(uploads)
             self._mark_stored(uploaded)
         except Exception as exc:  # noqa: BLE001 - the rows stay spooled and are retried
             log.error("upload_internal_error", **failure_fields(exc))
@@ -168,10 +176,29 @@ class Uploader:
                 self._batches -= 1
             self._wake.set()
 
-    def _put(self, row: Any) -> str | None:
-        """Copy one spooled instance to the store; its object key, or None on failure."""
-        key = object_key(row.study_instance_uid, row.series_instance_uid, row.sop_instance_uid,
-                         row.sha256)
+    def _contents(self, rows: list[Any]) -> dict[int, bytes]:
+        """The bytes of the rows spooled in the index, by primary key."""
+        in_index = [row.id for row in rows if row.spool_name is None]
+        if not in_index:
+            return {}
+        with self.engine.connect() as connection:
+            return repository.spooled_contents(connection, in_index)
+
+    @staticmethod
+    def _key(row: Any) -> str:
+        return object_key(row.study_instance_uid, row.series_instance_uid,
+                          row.sop_instance_uid, row.sha256)
+
+    def _source(self, row: Any, content: bytes | None, held: contextlib.ExitStack) -> Path | None:
+        """A path to read a spooled instance from while *held* lasts; None (and the
+        failure recorded) when its bytes are missing."""
+        if row.spool_name is None:
+            if content is None:
+                log.critical("spooled_content_missing", instance_pk=row.id,
+                             sop_instance_uid=row.sop_instance_uid)
+                self._record_failure(row, "its bytes are missing from the index")
+                return None
+            return held.enter_context(content_path(content))
         path = self.spool.path(row.spool_name)
         if not path.exists():
             log.critical(
@@ -179,18 +206,34 @@ class Uploader:
             )
             self._record_failure(row, f"spool file {row.spool_name} is missing")
             return None
-        expected = ExpectedContent(row.size, row.dataset_offset, row.sha256)
+        return path
+
+    def _put(self, uploads: list[tuple[Any, Upload]]) -> list[tuple[Any, str]]:
+        """Copy spooled instances to the store; those stored, with their object keys."""
+        if not uploads:
+            return []
         try:
-            self.store.put_file(key, path, expected)
-        except ObjectVerificationError as exc:
-            # This object's bytes, not the store, are the problem: retry it alone.
-            log.error("upload_verification_failed", instance_pk=row.id, error=str(exc)[:300])
-            self._record_failure(row, str(exc))
-            return None
-        except ObjectStoreError as exc:
-            self._on_store_failure(row, exc)
-            return None
-        return key
+            outcomes = self.store.put_files([upload for _, upload in uploads])
+        except Exception as exc:  # noqa: BLE001 - logged (safely) and retried with backoff
+            log.error("upload_internal_error", **failure_fields(exc))
+            for row, _ in uploads:
+                self._record_failure(row, "internal error (see log)")
+            return []
+        stored = []
+        store_failed = False
+        for (row, upload), error in zip(uploads, outcomes, strict=True):
+            if error is None:
+                stored.append((row, upload.key))
+            elif isinstance(error, ObjectVerificationError):
+                # This object's bytes, not the store, are the problem: retry it alone.
+                log.error("upload_verification_failed", instance_pk=row.id,
+                          error=str(error)[:300])
+                self._record_failure(row, str(error))
+            elif not store_failed:
+                # The store itself: back off; the rest of the batch stays spooled.
+                self._on_store_failure(row, error)
+                store_failed = True
+        return stored
 
     def _mark_stored(self, uploaded: list[tuple[Any, str]]) -> None:
         """Record a batch of stored objects in one transaction, then free their spool files."""
@@ -201,7 +244,8 @@ class Uploader:
             with self.engine.begin() as connection:
                 stored = [
                     (row, key) for row, key in uploaded
-                    if repository.mark_stored(connection, row.id, key, now)
+                    if repository.mark_stored(connection, row.id, key, now,
+                                              in_index=row.spool_name is None)
                 ]
         except SQLAlchemyError as exc:
             # The objects are stored; the rows stay spooled and the (idempotent) uploads
@@ -209,7 +253,8 @@ class Uploader:
             log.error("upload_record_failed", error=describe_error(exc))
             return
         for row, key in stored:
-            self.spool.discard(row.spool_name)
+            if row.spool_name is not None:
+                self.spool.discard(row.spool_name)
             self.metrics.uploads.labels("stored").inc()
             log.debug("instance_uploaded", sop_instance_uid=row.sop_instance_uid, object_key=key)
         with self._lock:

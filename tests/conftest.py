@@ -15,7 +15,7 @@ from gateway.config import GatewayConfig
 from gateway.node import Node
 from tests.helpers import dcmtk
 from tests.helpers.admin_http import TcpProxy, tcp_proxy
-from tests.helpers.nodes import make_config, running_node
+from tests.helpers.nodes import FILE_SPOOL, make_config, running_node
 
 POSTGRES_ADMIN_URL = os.environ.get(
     "TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -74,6 +74,14 @@ def gateway_config(tmp_path: Path, database_url: str) -> GatewayConfig:
 def node(gateway_config: GatewayConfig) -> Iterator[Node]:
     """A running in-process node on a free port, on each database."""
     with running_node(gateway_config) as running:
+        yield running
+
+
+@pytest.fixture
+def file_spool_node(tmp_path: Path, database_url: str) -> Iterator[Node]:
+    """A running node that spools every instance as a file, even a small one (for tests
+    of what happens to spool files and partial receptions)."""
+    with running_node(make_config(tmp_path, database_url, storage=FILE_SPOOL)) as running:
         yield running
 
 

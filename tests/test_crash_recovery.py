@@ -13,7 +13,13 @@ from sqlalchemy import Engine, create_engine, text
 
 from tests.helpers.data import dataset_bytes, make_study
 from tests.helpers.net import wait_until
-from tests.helpers.nodes import NodeProcess, node_process, wait_uploaded
+from tests.helpers.nodes import (
+    SPOOLINGS,
+    NodeProcess,
+    node_process,
+    spooled_copies,
+    wait_uploaded,
+)
 from tests.helpers.peers import status_peer
 from tests.helpers.scu import send_files
 
@@ -48,9 +54,10 @@ def _send_and_kill9(node: NodeProcess, files: list[Path], kill_after: int) -> li
     return acknowledged
 
 
+@pytest.mark.parametrize("spooling", ["index", "files"])
 @pytest.mark.parametrize("store_up_before_kill", [True, False], ids=["store-up", "store-down"])
 def test_kill_9_mid_association_then_restart_keeps_every_acknowledged_instance(
-    tmp_path: Path, database_url: str, store_up_before_kill: bool
+    tmp_path: Path, database_url: str, store_up_before_kill: bool, spooling: str
 ) -> None:
     files = make_study(tmp_path / "study", INSTANCES)
     expected_sha = {}
@@ -63,7 +70,7 @@ def test_kill_9_mid_association_then_restart_keeps_every_acknowledged_instance(
     if not store_up_before_kill:
         objects.write_text("blocks the object store until the restart")
 
-    with node_process(root, database_url) as node:
+    with node_process(root, database_url, storage=SPOOLINGS[spooling]) as node:
         acknowledged = _send_and_kill9(node, files, KILL_AFTER)
 
         if objects.is_file():
@@ -97,8 +104,12 @@ def test_kill_9_mid_association_then_restart_keeps_every_acknowledged_instance(
         stored = root / "objects" / key
         assert hashlib.sha256(dataset_bytes(stored)).hexdigest() == expected_sha[uid]
     assert list((root / "spool" / "incoming").iterdir()) == []
-    wait_until(lambda: not any((root / "spool" / "ready").iterdir()), 10,
-               message="the spool to be emptied")
+    engine = create_engine(database_url)
+    try:
+        wait_until(lambda: spooled_copies(engine, root / "spool") == (0, 0), 10,
+                   message="the spool to be emptied")
+    finally:
+        engine.dispose()
 
 
 ROUTED_INSTANCES = 150

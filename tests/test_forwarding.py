@@ -17,9 +17,9 @@ from structlog.testing import capture_logs
 
 from gateway.node import Node
 from tests.helpers import dcmtk
-from tests.helpers.data import make_study, unique_copy
+from tests.helpers.data import dataset_bytes, make_study, unique_copy
 from tests.helpers.net import free_port, wait_until
-from tests.helpers.nodes import make_config, running_node, wait_uploaded
+from tests.helpers.nodes import SPOOLINGS, make_config, running_node, wait_uploaded
 from tests.helpers.orthanc import orthanc
 from tests.helpers.peers import status_peer
 
@@ -91,6 +91,36 @@ def test_study_reaches_orthanc_identical_except_for_morphed_attributes(
             original, "PatientID", "InstitutionName"
         )
     assert all(ds.PatientID == "P-77" for ds in stored), "the stored original never changes"
+
+
+@pytest.mark.parametrize("spooling", ["index", "files"])
+def test_instances_still_in_the_spool_are_forwarded_from_it_byte_for_byte(
+    tmp_path: Path, database_url: str, spooling: str
+) -> None:
+    # The object store is unusable, so every instance is still spooled when it is sent:
+    # as a file in ready/, or as bytes spooled in the index.
+    files = make_study(tmp_path / "study", 6)
+    objects = tmp_path / "gw" / "objects"
+    objects.parent.mkdir()
+    objects.write_text("a file where the store's directory should be")
+    # DCMTK storescp in bit-preserving mode is the oracle for what storescu sent.
+    with dcmtk.storescp(tmp_path / "pacs") as pacs, \
+            dcmtk.storescp(tmp_path / "oracle") as oracle:
+        dest = destination("pacs", pacs.port, pacs.ae_title)
+        config = make_config(tmp_path / "gw", database_url, destination=[dest],
+                             route=[{"name": "all", "destinations": ["pacs"]}],
+                             storage=SPOOLINGS[spooling])
+        with running_node(config) as node:
+            result = dcmtk.storescu(node.receiver.port, files)
+            assert result.ok, result.output
+            wait_done(node, 6)
+            assert jobs(node, "SELECT state, count(*) FROM instance GROUP BY state") == {
+                "spooled": 6}
+        assert dcmtk.storescu(oracle.port, files, called=oracle.ae_title).ok
+        received, sent = ({path.name.split(".", 1)[1]: dataset_bytes(path)
+                           for path in scp.files()} for scp in (pacs, oracle))
+    assert len(received) == 6
+    assert received == sent
 
 
 def test_destination_down_at_first_gets_everything_after_retry(

@@ -14,7 +14,13 @@ from sqlalchemy import Engine, create_engine, text
 from tests.helpers import dcmtk
 from tests.helpers.data import make_study, write_large_instance
 from tests.helpers.net import LOOPBACK, port_open, wait_until
-from tests.helpers.nodes import event_time, node_process, wait_uploaded
+from tests.helpers.nodes import (
+    SPOOLINGS,
+    event_time,
+    node_process,
+    spooled_copies,
+    wait_uploaded,
+)
 from tests.helpers.scu import SendReport, send_files
 
 pytestmark = pytest.mark.integration
@@ -89,23 +95,27 @@ def test_sigterm_aborts_an_idle_association_after_the_stop_timeout(
     assert stopping.total_seconds() < 5
 
 
+@pytest.mark.parametrize("spooling", ["index", "files"])
 def test_restart_after_clean_stop_uploads_what_was_left_in_the_spool(
-    tmp_path: Path, database_url: str
+    tmp_path: Path, database_url: str, spooling: str
 ) -> None:
     root = tmp_path / "node"
     root.mkdir()
     (root / "objects").write_text("object store unavailable during the first run")
     files = make_study(tmp_path / "study", 5)
-    with node_process(root, database_url) as node:
+    with node_process(root, database_url, storage=SPOOLINGS[spooling]) as node:
         assert dcmtk.storescu(node.port, files).ok
         node.signal(signal.SIGTERM)
         assert node.wait(30) == 0
-        assert len(list((root / "spool" / "ready").iterdir())) == 5
-        (root / "objects").unlink()
-        node.start()
         engine = create_engine(database_url)
         try:
+            left = spooled_copies(engine, root / "spool")
+            assert left == ((5, 0) if spooling == "index" else (0, 5))
+            (root / "objects").unlink()
+            node.start()
             wait_uploaded(engine, 5)
+            wait_until(lambda: spooled_copies(engine, root / "spool") == (0, 0), 10,
+                       message="the spooled copies deleted once uploaded")
         finally:
             engine.dispose()
 

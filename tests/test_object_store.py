@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 from collections.abc import Iterator
@@ -17,6 +18,8 @@ from gateway.objectstore import (
     ObjectStore,
     ObjectStoreError,
     ObjectVerificationError,
+    Upload,
+    filestore,
     object_key,
     open_object_store,
 )
@@ -24,7 +27,13 @@ from gateway.objectstore.filestore import FileObjectStore
 from tests.helpers import dcmtk
 from tests.helpers.data import dataset_bytes, make_study
 from tests.helpers.net import free_port, wait_until
-from tests.helpers.nodes import make_config, running_node, wait_uploaded
+from tests.helpers.nodes import (
+    SPOOLINGS,
+    make_config,
+    running_node,
+    spooled_copies,
+    wait_uploaded,
+)
 from tests.helpers.s3 import ACCESS_KEY, SECRET_KEY, SeaweedS3, seaweed
 from tests.helpers.scu import send_files
 
@@ -158,15 +167,17 @@ def dataset_bytes_of(data: bytes) -> bytes:
 
 
 @pytest.mark.usefixtures("s3_credentials")
+@pytest.mark.parametrize("spooling", ["index", "files"])
 def test_s3_outage_keeps_instances_in_the_spool_until_it_returns(
-    tmp_path: Path, database_url: str
+    tmp_path: Path, database_url: str, spooling: str
 ) -> None:
     with seaweed(tmp_path / "seaweed") as server:
         bucket = "outage"
         storage = _s3_config(server, bucket).model_dump(mode="json")
         config = make_config(tmp_path, database_url, storage={**storage, "spool_dir": str(
             tmp_path / "spool"), "database": database_url, "min_free_bytes": 0,
-            "upload_retry": {"initial_seconds": 0.2, "max_seconds": 1.0}})
+            "upload_retry": {"initial_seconds": 0.2, "max_seconds": 1.0},
+            **SPOOLINGS[spooling]})
         with running_node(config) as node:
             assert dcmtk.storescu(node.receiver.port, make_study(tmp_path / "a", 2)).ok
             wait_uploaded(node.engine, 2)
@@ -181,14 +192,70 @@ def test_s3_outage_keeps_instances_in_the_spool_until_it_returns(
                     )).scalar_one())
 
             wait_until(attempted, 30, message="an upload attempt during the outage")
-            assert len(list(node.spool.ready.iterdir())) == 3
+            waiting = spooled_copies(node.engine, node.spool.root)
+            assert waiting == ((3, 0) if spooling == "index" else (0, 3))
             server.start()
             wait_uploaded(node.engine, 5, timeout=60)
-            # The spool file goes right after the row records the object.
-            wait_until(lambda: list(node.spool.ready.iterdir()) == [], 10,
-                       message="the uploaded spool files deleted")
+            # The spooled copy goes right after the row records the object.
+            wait_until(lambda: spooled_copies(node.engine, node.spool.root) == (0, 0), 10,
+                       message="the uploaded spooled copies deleted")
         names = list(server.client().list_objects(bucket, recursive=True))
         assert len(names) == 5
+
+
+def _uploads(tmp_path: Path, count: int) -> list[Upload]:
+    return [Upload(f"study/series/sop{n}/x.dcm", *_payload(tmp_path, 1000 + n))
+            for n in range(count)]
+
+
+def test_a_batch_is_made_durable_by_one_syncfs_of_the_store(tmp_path: Path) -> None:
+    synced: list[int] = []
+    store = FileObjectStore(tmp_path / "objects", syncfs=synced.append)
+    uploads = _uploads(tmp_path, 5)
+    assert store.put_files(uploads) == [None] * 5
+    assert len(synced) == 1
+    assert Path(f"/proc/self/fd/{synced[0]}").samefile(tmp_path / "objects")
+    for upload in uploads:
+        assert store.open(upload.key).read() == upload.path.read_bytes()
+
+
+def test_a_failed_syncfs_fails_every_upload_of_its_batch(tmp_path: Path) -> None:
+    def failing(_fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    store = FileObjectStore(tmp_path / "objects", syncfs=failing)
+    outcomes = store.put_files(_uploads(tmp_path, 3))
+    assert [type(outcome) for outcome in outcomes] == [ObjectStoreError] * 3
+    assert all("Input/output error" in str(outcome) for outcome in outcomes)
+
+
+def test_an_upload_that_cannot_be_placed_fails_alone(tmp_path: Path) -> None:
+    store = FileObjectStore(tmp_path / "objects", syncfs=lambda _fd: None)
+    good, blocked, wrong = _uploads(tmp_path, 3)
+    (tmp_path / "objects" / "study").mkdir(parents=True)
+    (tmp_path / "objects" / "study" / "series").mkdir()
+    (tmp_path / "objects" / "study" / "series" / "sop1").write_text("not a directory")
+    wrong = Upload(wrong.key, wrong.path, ExpectedContent(wrong.expected.size, 0, "0" * 64))
+    outcomes = store.put_files([good, blocked, wrong])
+    assert outcomes[0] is None
+    assert isinstance(outcomes[1], ObjectStoreError)
+    assert "cannot write study/series/sop1/x.dcm" in str(outcomes[1])
+    assert isinstance(outcomes[2], ObjectVerificationError)
+
+
+def test_without_syncfs_every_file_and_its_directory_are_fsynced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    synced: list[tuple[Path, bool]] = []
+    monkeypatch.setattr(filestore, "_libc_syncfs", lambda: None)
+    monkeypatch.setattr(filestore, "_fsync_path",
+                        lambda path, directory=False: synced.append((path, directory)))
+    store = FileObjectStore(tmp_path / "objects")
+    uploads = _uploads(tmp_path, 2)
+    assert store.put_files(uploads) == [None, None]
+    targets = [store._path(upload.key) for upload in uploads]
+    assert sorted(synced) == sorted([(target, False) for target in targets]
+                                    + [(target.parent, True) for target in targets])
 
 
 def test_object_key_layout_uses_uids_only() -> None:

@@ -22,7 +22,14 @@ from tests.conftest import POSTGRES_ADMIN_URL
 from tests.helpers import dcmtk
 from tests.helpers.data import make_study, new_uid, sample
 from tests.helpers.net import wait_until
-from tests.helpers.nodes import make_config, running_node, wait_uploaded
+from tests.helpers.nodes import (
+    FILE_SPOOL,
+    SPOOLINGS,
+    make_config,
+    running_node,
+    spooled_copies,
+    wait_uploaded,
+)
 from tests.helpers.parrot import (
     EXPLICIT_VR_LITTLE_ENDIAN,
     Parrot,
@@ -74,10 +81,12 @@ def database_down(database_url: str) -> Iterator[None]:
         admin.dispose()
 
 
+@pytest.mark.parametrize("spooling", ["index", "files"])
 def test_database_unavailable_answers_out_of_resources_and_keeps_nothing(
-    tmp_path: Path, database_url: str
+    tmp_path: Path, database_url: str, spooling: str
 ) -> None:
-    config = make_config(tmp_path, database_url, storage={"database_timeout": 1.0})
+    config = make_config(tmp_path, database_url,
+                         storage={"database_timeout": 1.0, **SPOOLINGS[spooling]})
     files = make_study(tmp_path / "study", 2)
     with running_node(config) as node:
         with database_down(database_url):
@@ -95,7 +104,7 @@ def test_spool_write_failure_answers_out_of_resources_and_keeps_nothing(
 ) -> None:
     # The spool's ready/ directory becomes unusable (a disk error, a mount gone):
     # making the received file durable fails, and the sender is told so.
-    config = make_config(tmp_path, database_url)
+    config = make_config(tmp_path, database_url, storage=FILE_SPOOL)
     files = make_study(tmp_path / "study", 2)
     with running_node(config) as node:
         ready = node.spool.ready
@@ -147,12 +156,13 @@ def test_spool_filling_up_during_an_association_answers_out_of_resources(
         assert list(node.spool.incoming.iterdir()) == []
 
 
+@pytest.mark.parametrize("spooling", ["index", "files"])
 def test_object_store_outage_does_not_block_receiving_and_uploads_resume(
-    tmp_path: Path, database_url: str
+    tmp_path: Path, database_url: str, spooling: str
 ) -> None:
     objects = tmp_path / "objects"
     objects.write_text("a file where the store's directory should be")  # store is unusable
-    config = make_config(tmp_path, database_url)
+    config = make_config(tmp_path, database_url, storage=SPOOLINGS[spooling])
     files = make_study(tmp_path / "study", 3)
     with running_node(config) as node:
         result = dcmtk.storescu(node.receiver.port, files)
@@ -165,12 +175,13 @@ def test_object_store_outage_does_not_block_receiving_and_uploads_resume(
                     " AND last_upload_error IS NOT NULL")).scalar_one())
 
         wait_until(failed_at_least_once, 10, message="a failed upload attempt")
-        assert len(list(node.spool.ready.iterdir())) == 3
+        waiting = spooled_copies(node.engine, node.spool.root)
+        assert waiting == ((3, 0) if spooling == "index" else (0, 3))
         objects.unlink()  # the store comes back
         wait_uploaded(node.engine, 3, timeout=30)
-        # The spool file goes right after the row records the object.
-        wait_until(lambda: list(node.spool.ready.iterdir()) == [], 10,
-                   message="the uploaded spool files deleted")
+        # The spooled copy goes right after the row records the object.
+        wait_until(lambda: spooled_copies(node.engine, node.spool.root) == (0, 0), 10,
+                   message="the uploaded spooled copies deleted")
 
 
 def _broken_files(directory: Path) -> dict[str, tuple[Path, int]]:
@@ -237,7 +248,8 @@ def test_garbage_instead_of_a_pdu_closes_that_connection_only(node: Node) -> Non
     assert dcmtk.echoscu(node.receiver.port).ok
 
 
-def test_peer_vanishing_mid_dataset_leaves_no_partial_file(node: Node) -> None:
+def test_peer_vanishing_mid_dataset_leaves_no_partial_file(file_spool_node: Node) -> None:
+    node = file_spool_node
     parrot = Parrot.connect(node.receiver.port)
     parrot.send(associate_rq("MODALITY", "GATEWAY"))
     pdu = parrot.receive_pdu()

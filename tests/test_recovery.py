@@ -12,10 +12,17 @@ from gateway.index.repository import AssociationFacts
 from gateway.node import Node, StartupError
 from gateway.receiver import _Session
 from gateway.status import Status
-from tests.helpers.data import make_study
+from tests.helpers.data import dataset_bytes, make_study
 from tests.helpers.faults import lose_connection_after_commit
 from tests.helpers.net import wait_until
-from tests.helpers.nodes import make_config, running_node, wait_uploaded
+from tests.helpers.nodes import (
+    FILE_SPOOL,
+    SPOOLINGS,
+    make_config,
+    running_node,
+    spooled_copies,
+    wait_uploaded,
+)
 from tests.helpers.scu import send_files
 
 pytestmark = pytest.mark.integration
@@ -53,15 +60,16 @@ def test_node_identity_survives_restarts_and_an_empty_one_stops_the_start(
         Node(config)
 
 
+@pytest.mark.parametrize("spooling", ["index", "files"])
 def test_a_commit_that_fails_after_reaching_the_database_loses_nothing(
-    tmp_path: Path, database_url: str, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, database_url: str, monkeypatch: pytest.MonkeyPatch, spooling: str
 ) -> None:
     """The COMMIT is applied but the client sees an error: the sender gets 0xA700 and
     re-sends; the instance must end up stored once, with its bytes."""
     lose_connection_after_commit(
         monkeypatch, lambda stack: "ingest.py" in stack and "in _commit" in stack
     )
-    config = make_config(tmp_path, database_url)
+    config = make_config(tmp_path, database_url, storage=SPOOLINGS[spooling])
     files = make_study(tmp_path / "study", 1)
     with running_node(config) as node:
         first = send_files(node.receiver.port, files)
@@ -75,22 +83,31 @@ def test_a_commit_that_fails_after_reaching_the_database_loses_nothing(
                    message="the uploaded spool files deleted")
 
 
+@pytest.mark.parametrize("resent_to", ["files", "index"])
 def test_a_resend_restores_a_spooled_instance_whose_file_went_missing(
-    tmp_path: Path, database_url: str
+    tmp_path: Path, database_url: str, resent_to: str
 ) -> None:
+    # Content spooled in the index commits with its row and cannot go missing; a spool
+    # file can. The copy sent again takes its place, as a file or (a node now spooling
+    # small instances in the index) in the index.
     objects = tmp_path / "objects"
     objects.write_text("store unavailable, so the instance stays in the spool")
-    config = make_config(tmp_path, database_url)
     files = make_study(tmp_path / "study", 1)
-    with running_node(config) as node:
+    with running_node(make_config(tmp_path, database_url, storage=FILE_SPOOL)) as node:
         assert send_files(node.receiver.port, files).statuses[0][1] == 0
         (lost,) = node.spool.ready.iterdir()
         lost.unlink()
+    config = make_config(tmp_path, database_url, storage=SPOOLINGS[resent_to])
+    with running_node(config) as node:
         assert send_files(node.receiver.port, files).statuses[0][1] == 0
-        assert len(list(node.spool.ready.iterdir())) == 1
+        restored = spooled_copies(node.engine, node.spool.root)
+        assert restored == ((0, 1) if resent_to == "files" else (1, 0))
         objects.unlink()
         wait_uploaded(node.engine, 1)
         assert _count(node, "SELECT count(*) FROM instance") == 1
+        with node.engine.connect() as connection:
+            key = connection.execute(text("SELECT object_key FROM instance")).scalar_one()
+        assert dataset_bytes(objects / key) == dataset_bytes(files[0])
 
 
 class _DeadAssociation:

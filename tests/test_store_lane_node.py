@@ -11,12 +11,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pynetdicom
 import pytest
 from pydicom import dcmread
 from sqlalchemy import text
 
 from gateway import store_lane
-from gateway.ingest import ReceivedInstance, Sender, StoreResult
+from gateway.dimse_codec import file_meta_bytes
+from gateway.ingest import Ingestor, ReceivedInstance, Sender, StoreResult
 from gateway.node import Node
 from gateway.receiver import Receiver
 from gateway.status import Status
@@ -27,6 +29,7 @@ from tests.helpers.net import wait_until
 from tests.helpers.nodes import make_config, running_node, wait_uploaded
 from tests.helpers.parrot import (
     CT_IMAGE_STORAGE,
+    EXPLICIT_VR_LITTLE_ENDIAN,
     Parrot,
     associate_rq,
     c_echo_command,
@@ -208,9 +211,95 @@ def test_a_peer_accepting_only_tiny_pdus_gets_its_response_in_fragments(
     assert _instances(node) == [uid]
 
 
-def test_a_spool_write_failing_mid_data_set_is_answered_and_the_association_goes_on(
-    node: Node, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def _part10(uid: str, data: bytes) -> bytes:
+    """The Part 10 object the lane makes of a C-STORE of *data* on the parrot's context."""
+    return store_lane._PREAMBLE + file_meta_bytes(
+        sop_class_uid=CT_IMAGE_STORAGE, sop_instance_uid=uid,
+        transfer_syntax=EXPLICIT_VR_LITTLE_ENDIAN,
+        implementation_uid=pynetdicom.PYNETDICOM_IMPLEMENTATION_UID,
+        implementation_version=pynetdicom.PYNETDICOM_IMPLEMENTATION_VERSION,
+    ) + data
+
+
+@pytest.mark.parametrize(("limit", "in_memory"), [
+    ("the object's size", True),
+    ("one byte less", False),
+    ("the file meta group and 300 bytes", False),
+    ("0", False),
+])
+def test_an_object_is_held_in_memory_up_to_the_limit_and_continued_in_a_file_beyond(
+    tmp_path: Path, database_url: str, monkeypatch: pytest.MonkeyPatch,
+    limit: str, in_memory: bool,
 ) -> None:
+    ((uid, data),) = _study(tmp_path, 1)
+    expected = _part10(uid, data)
+    header = len(expected) - len(data)
+    limits = {"the object's size": len(expected), "one byte less": len(expected) - 1,
+              "the file meta group and 300 bytes": header + 300, "0": 0}
+    received: list[ReceivedInstance] = []
+    store = Ingestor.store
+
+    def recorded(self: Ingestor, instance: ReceivedInstance, sender: Sender) -> StoreResult:
+        received.append(instance)
+        return store(self, instance, sender)
+
+    monkeypatch.setattr(Ingestor, "store", recorded)
+    config = make_config(tmp_path, database_url,
+                         storage={"spool_in_index_max_bytes": limits[limit]})
+    with running_node(config) as node:
+        parrot = _associate(node)
+        parrot.send(p_data(1, 0b11, c_store_command(CT_IMAGE_STORAGE, uid)))
+        for start, end in ((0, 200), (200, 500), (500, len(data))):
+            parrot.send(p_data(1, 0b10 if end == len(data) else 0b00, data[start:end]))
+        assert parrot.receive_command().Status == 0x0000
+        parrot.close()
+        (instance,) = received
+        if in_memory:
+            assert (instance.path, bytes(instance.content or b"")) == (None, expected)
+        else:
+            assert instance.content is None and instance.path is not None
+        wait_uploaded(node.engine, 1)
+        with node.engine.connect() as connection:
+            key = connection.execute(text("SELECT object_key FROM instance")).scalar_one()
+        root = Path(node.config.storage.object_store.removeprefix("file://"))
+        assert (root / key).read_bytes() == expected
+        assert not any(node.spool.incoming.iterdir())
+
+
+def test_a_file_that_cannot_be_created_when_the_object_outgrows_memory_is_answered(
+    tmp_path: Path, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (failing, failing_data), (stored, stored_data) = _study(tmp_path, 2)
+    create = store_lane._create
+    calls = {"count": 0}
+
+    def disk_full_once(directory: Path) -> tuple[int, Path]:
+        calls["count"] += 1
+        if calls["count"] == 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return create(directory)
+
+    monkeypatch.setattr(store_lane, "_create", disk_full_once)
+    config = make_config(tmp_path, database_url, storage={"spool_in_index_max_bytes": 1000})
+    with running_node(config) as node:
+        parrot = _associate(node)
+        parrot.send(p_data(1, 0b11, c_store_command(CT_IMAGE_STORAGE, failing, 1)))
+        parrot.send(p_data(1, 0b00, failing_data[:300]))
+        parrot.send(p_data(1, 0b10, failing_data[300:]))
+        response = parrot.receive_command()
+        assert (response.Status, response.ErrorComment) == (0xA700, "spool write failed")
+        parrot.send(p_data(1, 0b11, c_store_command(CT_IMAGE_STORAGE, stored, 2)))
+        parrot.send(p_data(1, 0b10, stored_data))
+        assert parrot.receive_command().Status == 0x0000
+        parrot.close()
+        assert _instances(node) == [stored]
+        assert not any(node.spool.incoming.iterdir())
+
+
+def test_a_spool_write_failing_mid_data_set_is_answered_and_the_association_goes_on(
+    file_spool_node: Node, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    node = file_spool_node
     (failing, failing_data), (stored, stored_data) = _study(tmp_path, 2)
     write_all = store_lane._write_all
     calls = {"count": 0}
@@ -387,8 +476,9 @@ def test_a_peer_not_waiting_for_responses_gets_them_in_order(
 
 @pytest.mark.parametrize("ending", ["A-ABORT", "A-RELEASE-RQ", "reset"])
 def test_an_association_ending_mid_data_set_leaves_no_partial_file(
-    node: Node, tmp_path: Path, ending: str
+    file_spool_node: Node, tmp_path: Path, ending: str
 ) -> None:
+    node = file_spool_node
     ((uid, data),) = _study(tmp_path, 1)
     parrot = _associate(node)
     parrot.send(p_data(1, 0b11, c_store_command(CT_IMAGE_STORAGE, uid)))

@@ -25,6 +25,7 @@ from gateway.index.schema import (
     Instance,
     Patient,
     Series,
+    SpooledContent,
     Study,
     current_instance,
 )
@@ -35,6 +36,7 @@ series_table = cast(Table, Series.__table__)
 instance_table = cast(Table, Instance.__table__)
 association_table = cast(Table, Association.__table__)
 forward_job_table = cast(Table, ForwardJob.__table__)
+spooled_content_table = cast(Table, SpooledContent.__table__)
 
 SPOOLED = "spooled"
 STORED = "stored"
@@ -58,7 +60,8 @@ class InstanceRecord:
     size: int
     dataset_offset: int
     sha256: str
-    spool_name: str
+    spool_name: str | None
+    """The instance's file in the spool's ``ready/`` directory; None with *content*."""
     received_by: str
     calling_ae: str
     called_ae: str
@@ -71,6 +74,8 @@ class InstanceRecord:
     """Route name -> its morphing (JSON), snapshotted with the obligation."""
     routed: bool | None = None
     """False when no route matched (unrouted); None when routing is not configured."""
+    content: bytes | bytearray | None = None
+    """The whole Part 10 object, spooled in the index (a ``spooled_content`` row)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +114,7 @@ class _HotStatements:
     upsert_series: Any
     find_current: Any
     insert_instance: Any
+    insert_content: Any
     insert_forward_jobs: Any
 
 
@@ -188,6 +194,7 @@ def _hot_statements(dialect_name: str) -> _HotStatements:
         upsert_series=_build_upsert_series(insert),
         find_current=_build_find_current(),
         insert_instance=instance_table.insert().returning(instance_table.c.id),
+        insert_content=spooled_content_table.insert(),
         insert_forward_jobs=forward_job_table.insert(),
     )
 
@@ -299,14 +306,12 @@ def record_instance(
         and current.sha256 == record.sha256
         and current.transfer_syntax_uid == record.transfer_syntax_uid
     ):
-        if current.state == SPOOLED and not spool_file_exists(current.spool_name or ""):
+        if (current.state == SPOOLED and current.spool_name is not None
+                and not spool_file_exists(current.spool_name)):
             # The row was committed but its file is gone (a commit whose outcome was
             # unknown to us, so we answered 0xA700 and dropped the file): adopt this copy.
-            connection.execute(
-                update(instance_table)
-                .where(instance_table.c.id == current.id)
-                .values(spool_name=record.spool_name, next_upload_at=None)
-            )
+            # (Content spooled in the index cannot go missing: it commits with its row.)
+            _adopt(connection, current.id, record)
             return RecordResult(
                 RecordOutcome.DUPLICATE, current.id, current.version, spool_file_adopted=True
             )
@@ -356,6 +361,10 @@ def record_instance(
             "sha1": record.sha1,
         },
     ).scalar_one()
+    if record.content is not None:
+        connection.execute(
+            statements.insert_content, {"instance_pk": instance_pk, "content": record.content}
+        )
     if record.destinations:
         connection.execute(
             statements.insert_forward_jobs,
@@ -375,6 +384,20 @@ def record_instance(
             ],
         )
     return RecordResult(outcome, int(instance_pk), version, study_pk)
+
+
+def _adopt(connection: Connection, instance_pk: int, record: InstanceRecord) -> None:
+    """Make *record*'s copy of the bytes the spooled copy of the row *instance_pk*."""
+    if record.content is not None:
+        connection.execute(
+            _statements(connection).insert_content,
+            {"instance_pk": instance_pk, "content": record.content},
+        )
+    connection.execute(
+        update(instance_table)
+        .where(instance_table.c.id == instance_pk)
+        .values(spool_name=record.spool_name, next_upload_at=None)
+    )
 
 
 def _supersede_pending_jobs(connection: Connection, instance_pk: int, now: dt.datetime) -> None:
@@ -527,13 +550,35 @@ _MARK_STORED = (
 )
 
 
+_DELETE_CONTENT = spooled_content_table.delete().where(
+    spooled_content_table.c.instance_pk == bindparam("w_id")
+)
+
+
 def mark_stored(
-    connection: Connection, instance_pk: int, object_key: str, now: dt.datetime
+    connection: Connection, instance_pk: int, object_key: str, now: dt.datetime,
+    *, in_index: bool = False,
 ) -> bool:
+    """Record a spooled instance as stored under *object_key*; with *in_index*, its bytes
+    were spooled in the index and are deleted there. False when it was not spooled."""
     result = connection.execute(
         _MARK_STORED, {"w_id": instance_pk, "v_key": object_key, "v_now": now}
     )
-    return bool(result.rowcount)
+    if not result.rowcount:
+        return False
+    if in_index:
+        connection.execute(_DELETE_CONTENT, {"w_id": instance_pk})
+    return True
+
+
+def spooled_contents(connection: Connection, instance_pks: Iterable[int]) -> dict[int, bytes]:
+    """The bytes of the given instances that are spooled in the index, by primary key."""
+    wanted = list(instance_pks)
+    if not wanted:
+        return {}
+    c = spooled_content_table.c
+    rows = connection.execute(select(c.instance_pk, c.content).where(c.instance_pk.in_(wanted)))
+    return {int(pk): bytes(content) for pk, content in rows}
 
 
 def mark_upload_failed(

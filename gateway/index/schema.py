@@ -17,6 +17,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Text,
@@ -136,7 +137,9 @@ class Instance(Base):
     """One received version of a SOP instance. Exactly one version per UID is current.
 
     ``state`` is the upload outbox: ``spooled`` rows wait in this node's spool for the
-    object store, ``stored`` rows are in the object store under ``object_key``.
+    object store, ``stored`` rows are in the object store under ``object_key``. A spooled
+    row's bytes are the file ``spool_name`` in the spool's ``ready/`` directory, or, when
+    ``spool_name`` is NULL, its :class:`SpooledContent` row.
     """
 
     __tablename__ = "instance"
@@ -197,6 +200,20 @@ class Instance(Base):
     content_time: Mapped[str | None]
     sha1: Mapped[str | None] = mapped_column(String(40))
     """Documents only: SHA-1 of the stored object, for FHIR attachments."""
+
+
+class SpooledContent(Base):
+    """The bytes of a spooled instance small enough to be spooled in the index
+    (``storage.spool_in_index_max_bytes``): committed in the same transaction as its
+    ``instance`` row, so acknowledging it costs one flush of the database instead of the
+    file's, its directory's and the database's. Deleted in the transaction that records
+    the instance as stored."""
+
+    __tablename__ = "spooled_content"
+
+    instance_pk: Mapped[int] = mapped_column(ForeignKey("instance.id"), primary_key=True)
+    content: Mapped[bytes] = mapped_column(LargeBinary)
+    """The whole Part 10 object, preamble and file meta included, as it will be stored."""
 
 
 def current_instance(name: str = "instance") -> ColumnElement[Any]:

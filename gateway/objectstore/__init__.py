@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
@@ -58,6 +59,15 @@ class ContentChecker:
             raise ObjectVerificationError(f"{key}: stored dataset checksum differs from the index")
 
 
+@dataclass(frozen=True, slots=True)
+class Upload:
+    """One object to store: the file at *path* under *key*, expected to be *expected*."""
+
+    key: str
+    path: Path
+    expected: ExpectedContent
+
+
 class ObjectStore(Protocol):
     """Where instances live after they leave the spool."""
 
@@ -65,6 +75,12 @@ class ObjectStore(Protocol):
 
     def put_file(self, key: str, path: Path, expected: ExpectedContent) -> None:
         """Store the file at *path* under *key*; verify the stored size and checksum."""
+
+    def put_files(self, uploads: Sequence[Upload]) -> list[ObjectStoreError | None]:
+        """Store several files, as :meth:`put_file` does each; per upload, in order, its
+        error or None once stored and verified. After an error that is not about the
+        object's own bytes (:class:`ObjectVerificationError`) the store may stop trying:
+        the uploads not tried get that error too."""
 
     def open(self, key: str) -> BinaryIO:
         """A stream of the object's bytes."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, BinaryIO, cast
 
@@ -17,6 +18,7 @@ from gateway.objectstore import (
     ExpectedContent,
     ObjectStoreError,
     ObjectVerificationError,
+    Upload,
 )
 
 _MD5_ETAG = re.compile(r"^[0-9a-f]{32}(-\d+)?$")
@@ -139,6 +141,22 @@ class S3ObjectStore:
         if not (_MD5_ETAG.match(etag) and etag == reader.expected_etag()):
             # Not an MD5 ETag (server-side encryption, other part sizes): read it back.
             self._read_back_and_verify(key, expected)
+
+    def put_files(self, uploads: Sequence[Upload]) -> list[ObjectStoreError | None]:
+        """One after the other; after a failure of the store itself the rest are not
+        tried (they get its error)."""
+        outcomes: list[ObjectStoreError | None] = []
+        for upload in uploads:
+            try:
+                self.put_file(upload.key, upload.path, upload.expected)
+            except ObjectVerificationError as exc:
+                outcomes.append(exc)
+            except ObjectStoreError as exc:
+                outcomes.extend([exc] * (len(uploads) - len(outcomes)))
+                break
+            else:
+                outcomes.append(None)
+        return outcomes
 
     def _read_back_and_verify(self, key: str, expected: ExpectedContent) -> None:
         """For stores whose ETag is not an MD5 (e.g. server-side encryption)."""

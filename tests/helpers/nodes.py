@@ -23,6 +23,11 @@ from tests.helpers.net import free_port, wait_for_port, wait_until
 from tests.helpers.procs import child_pids
 
 TEST_CALLING_AES = ("STORESCU", "MODALITY", "CT01", "ECHOSCU")
+FILE_SPOOL: dict[str, Any] = {"spool_in_index_max_bytes": 0}
+"""``[storage]`` settings that spool every instance as a file (by default the tests'
+small instances are spooled in the index)."""
+SPOOLINGS: dict[str, dict[str, Any]] = {"index": {}, "files": FILE_SPOOL}
+"""The two ways an instance waits for the object store, for tests of both."""
 
 
 def config_data(
@@ -112,6 +117,13 @@ def running_node(config: GatewayConfig, config_path: Path | None = None) -> Iter
         yield node
     finally:
         node.stop()
+
+
+def spooled_copies(engine: Engine, spool_dir: Path) -> tuple[int, int]:
+    """Instances waiting for the object store: (spooled in the index, files in ready/)."""
+    with engine.connect() as connection:
+        in_index = connection.execute(text("SELECT count(*) FROM spooled_content")).scalar_one()
+    return int(in_index), len(list((spool_dir / "ready").iterdir()))
 
 
 def wait_uploaded(engine: Engine, count: int, timeout: float = 30.0) -> None:
