@@ -51,6 +51,8 @@ class Row:
     rss_main_mb: float | None
     rss_total_mb: float | None
     rss_met: bool | None
+    uploaded: float | None = None
+    """Ingest: median seconds until the gateway's object store held every instance."""
 
 
 def median(values: list[float]) -> float | None:
@@ -75,8 +77,11 @@ def summarize(measurements: list[Measurement], targets: list[str]) -> list[Row]:
         rss_total = max((m.rss_total or 0) / MB for m in rss) if rss else None
         rss_met = (rss_total < RSS_LIMIT_MB
                    if workload == "big1" and mode == "ingest" and rss_total is not None else None)
+        uploaded = median([float(m.detail["uploaded_seconds"]) for m in runs
+                           if m.target == "gateway" and m.seconds is not None
+                           and "uploaded_seconds" in m.detail])
         rows.append(Row(mode, workload, medians, failures, ratio, target, met,
-                        rss_main, rss_total, rss_met))
+                        rss_main, rss_total, rss_met, uploaded))
     return rows
 
 
@@ -111,7 +116,7 @@ def _met(value: bool | None) -> str:
 def table(rows: list[Row], scaling: list[dict[str, Any]], targets: list[str]) -> str:
     """The results as a Markdown table (printed and written into bench/README.md)."""
     head = ["case", *[f"{t} s" for t in targets], "gateway/orthanc", "target", "met",
-            "gateway peak RSS MB (main / tree)"]
+            "gateway peak RSS MB (main / tree)", "gateway until uploaded s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         cells = [f"{row.workload} {row.mode}"]
@@ -125,7 +130,7 @@ def table(rows: list[Row], scaling: list[dict[str, Any]], targets: list[str]) ->
         if row.rss_met is not None:
             rss += f" (target < {RSS_LIMIT_MB}: {_met(row.rss_met)})"
         cells += [_cell(row.ratio), "—" if row.target is None else f"≤ {row.target}",
-                  _met(row.met), rss]
+                  _met(row.met), rss, _cell(row.uploaded)]
         lines.append("| " + " | ".join(cells) + " |")
     if scaling:
         lines += ["", "| index scaling (small2000 into the gateway) | empty index inst/s "

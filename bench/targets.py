@@ -135,6 +135,10 @@ class Gateway(Target):
         """Current SOP instances in the index."""
         return self._scalar("SELECT count(*) FROM instance WHERE is_current")
 
+    def uploaded(self) -> int:
+        """Instances in the object store (uploaded from the spool)."""
+        return self._scalar("SELECT count(*) FROM instance WHERE state = 'stored'")
+
     def forwarded(self) -> int:
         """Forward jobs completed (the destination answered the C-STORE)."""
         return self._scalar("SELECT count(*) FROM forward_job WHERE state = 'done'")

@@ -111,6 +111,7 @@ class Background:
             engine, spool, store, node_name,
             workers=config.storage.upload_workers,
             retry=config.storage.upload_retry,
+            yield_seconds=config.storage.upload_yield_seconds,
             metrics=metrics,
         )
         self.forwarder = Forwarder(

@@ -128,6 +128,10 @@ class StorageConfig(_Model):
     """Parallel uploads from the spool to the object store."""
     upload_retry: RetryConfig = RetryConfig()
     """Backoff while the object store is unavailable."""
+    upload_yield_seconds: float = Field(default=30.0, ge=0, le=3600)
+    """While instances keep arriving, uploads wait for a pause in arrivals (0.5 s), at
+    most this long, so that receiving and forwarding have the disk and the CPU; the
+    instances are durable in the spool meanwhile. 0: upload as soon as they arrive."""
     min_free_bytes: int = Field(default=512 * 1024 * 1024, ge=0)
     """Refuse new instances (0xA700) when the spool file system has less free space."""
     spool_in_index_max_bytes: int = Field(default=128 * 1024, ge=0, le=16 * 1024 * 1024)

@@ -4,8 +4,14 @@ The index is the outbox: every ``spooled`` row of this node is an upload to do. 
 spool file is deleted only after the object store holds a verified copy *and* the row
 records its key, so a crash at any point leaves either the spool file or the object. An
 instance spooled in the index has its bytes deleted in the transaction that records it
-as stored.
-While the store is unavailable, instances wait in the spool; receiving is unaffected.
+as stored. While the store is unavailable, instances wait in the spool; receiving is
+unaffected.
+
+Uploads yield to receiving: while instances keep arriving they wait (durable in the
+spool) until arrivals pause, but never longer than ``storage.upload_yield_seconds``
+(:func:`upload_hold`). Writing the objects is disk and CPU work that competes with the
+associations being served; a burst is received first and uploaded right after it, and
+under sustained traffic uploads run alongside, that long behind.
 """
 
 from __future__ import annotations
@@ -41,8 +47,29 @@ from gateway.spool import Spool, content_path
 log = get_logger(__name__)
 
 _IDLE_POLL_SECONDS = 1.0
-_BATCH = 32  # instances a worker uploads before recording them in one transaction
+_BATCH = 128  # instances a worker uploads before recording them in one transaction
 _GATHER_SECONDS = 0.25
+QUIET_SECONDS = 0.5
+"""No instance stored for this long: arrivals have paused, uploads go ahead."""
+
+
+def upload_hold(
+    now: float, last_arrival: float | None, arrivals_since: float | None,
+    yield_seconds: float, quiet_seconds: float = QUIET_SECONDS,
+) -> float:
+    """How long uploads still wait for arrivals to pause (0: upload now).
+
+    *last_arrival* is when an instance was last stored, *arrivals_since* when the
+    instances arriving since the uploader last caught up began to arrive (None: none
+    since); times in seconds on one monotonic clock.
+    """
+    if yield_seconds <= 0 or last_arrival is None or arrivals_since is None:
+        return 0.0
+    until_quiet = quiet_seconds - (now - last_arrival)
+    until_due = yield_seconds - (now - arrivals_since)
+    if until_quiet <= 0 or until_due <= 0:
+        return 0.0
+    return min(until_quiet, until_due)
 
 
 def _utcnow() -> dt.datetime:
@@ -61,6 +88,7 @@ class Uploader:
         *,
         workers: int,
         retry: RetryConfig,
+        yield_seconds: float = 0.0,
         clock: Callable[[], dt.datetime] = _utcnow,
         metrics: Metrics | None = None,
     ) -> None:
@@ -82,13 +110,21 @@ class Uploader:
         self._thread = threading.Thread(target=self._run, name="uploader", daemon=True)
         self._outage_failures = 0
         self._paused_until = 0.0
+        self.yield_seconds = yield_seconds
+        self._last_arrival: float | None = None
+        self._arrivals_since: float | None = None
         self.uploaded = 0
 
     def start(self) -> None:
         self._thread.start()
 
     def wake(self) -> None:
-        """Tell the uploader there is new work (called after each stored instance)."""
+        """Tell the uploader there is new work (called after instances were stored)."""
+        now = time.monotonic()
+        with self._lock:
+            self._last_arrival = now
+            if self._arrivals_since is None:
+                self._arrivals_since = now
         self._wake.set()
 
     def stop(self, timeout: float = 30.0) -> None:
@@ -109,6 +145,12 @@ class Uploader:
             pause = self._paused_until - time.monotonic()
             if pause > 0:
                 self._stopping.wait(pause)
+                continue
+            with self._lock:
+                hold = upload_hold(time.monotonic(), self._last_arrival, self._arrivals_since,
+                                   self.yield_seconds)
+            if hold > 0:
+                self._stopping.wait(hold)
                 continue
             claimed = self._claim()
             self._wake.wait(_IDLE_POLL_SECONDS if not claimed else 0.2)
@@ -137,6 +179,9 @@ class Uploader:
             return 0
         self._backlog = len(rows) == idle_workers * _BATCH
         if not rows:
+            with self._lock:
+                if not self._in_flight:
+                    self._arrivals_since = None  # caught up: the next arrival waits anew
             return 0
         # Spread the rows over the idle workers; each records its batch in one transaction.
         size = -(-len(rows) // idle_workers)
@@ -242,11 +287,11 @@ class Uploader:
         now = self.clock()
         try:
             with self.engine.begin() as connection:
-                stored = [
-                    (row, key) for row, key in uploaded
-                    if repository.mark_stored(connection, row.id, key, now,
-                                              in_index=row.spool_name is None)
-                ]
+                marked = repository.mark_stored_many(
+                    connection,
+                    [(row.id, key, row.spool_name is None) for row, key in uploaded], now,
+                )
+            stored = [(row, key) for row, key in uploaded if row.id in marked]
         except SQLAlchemyError as exc:
             # The objects are stored; the rows stay spooled and the (idempotent) uploads
             # are repeated later. The spool files are kept until the rows say otherwise.

@@ -1,4 +1,5 @@
-"""Pure decisions, as tables of cases: acceptance, status classes, backoff, negotiation."""
+"""Pure decisions, as tables of cases: acceptance, status classes, backoff, negotiation,
+when uploads yield to receiving."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from gateway.config import CallingAEConfig, EventsConfig
 from gateway.dicom.transfer_syntax import ACCEPTED_TRANSFER_SYNTAXES
 from gateway.receiver import negotiable_contexts
 from gateway.status import Status, StatusCategory, classify, describe
+from gateway.uploader import upload_hold
 
 POLICY = AcceptancePolicy.build(
     "GATEWAY",
@@ -183,3 +185,23 @@ def test_every_storage_sop_class_pynetdicom_knows_is_accepted_with_every_standar
 
 def test_a_study_is_stable_after_60_seconds_by_default() -> None:
     assert EventsConfig().stable_seconds == 60
+
+
+@pytest.mark.parametrize(
+    ("now", "last_arrival", "arrivals_since", "yield_seconds", "hold"),
+    [
+        (100.0, None, None, 30.0, 0.0),  # nothing arrived since the last catch-up
+        (100.0, 99.9, 95.0, 30.0, 0.4),  # arriving: wait for a 0.5 s pause
+        (100.0, 99.5, 95.0, 30.0, 0.0),  # paused for 0.5 s: upload
+        (100.0, 99.0, 95.0, 30.0, 0.0),
+        (100.0, 99.9, 70.2, 30.0, 0.2),  # arriving for 29.8 s: 0.2 s more at most
+        (100.0, 99.9, 70.0, 30.0, 0.0),  # arriving for 30 s: upload anyway
+        (100.0, 99.9, 60.0, 30.0, 0.0),
+        (100.0, 99.9, 95.0, 0.0, 0.0),  # not yielding at all
+    ],
+)
+def test_uploads_yield_to_arrivals_until_they_pause_or_for_at_most_the_limit(
+    now: float, last_arrival: float | None, arrivals_since: float | None,
+    yield_seconds: float, hold: float,
+) -> None:
+    assert upload_hold(now, last_arrival, arrivals_since, yield_seconds) == pytest.approx(hold)

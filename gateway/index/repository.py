@@ -571,6 +571,32 @@ def mark_stored(
     return True
 
 
+def mark_stored_many(
+    connection: Connection, stored: Sequence[tuple[int, str, bool]], now: dt.datetime
+) -> set[int]:
+    """Record spooled instances as stored: (primary key, object key, spooled in the
+    index) each. The bytes spooled in the index are deleted. Returns the primary keys of
+    those that were still spooled (the others are left as they are)."""
+    if not stored:
+        return set()
+    c = instance_table.c
+    wanted = [pk for pk, _, _ in stored]
+    query = select(c.id).where(c.id.in_(wanted), c.state == SPOOLED)
+    if connection.dialect.name == "postgresql":
+        query = query.with_for_update()
+    spooled = {int(pk) for pk in connection.execute(query).scalars()}
+    if not spooled:
+        return spooled
+    connection.execute(_MARK_STORED, [
+        {"w_id": pk, "v_key": key, "v_now": now} for pk, key, _ in stored if pk in spooled
+    ])
+    in_index = [pk for pk, _, in_index in stored if in_index and pk in spooled]
+    if in_index:
+        cc = spooled_content_table.c
+        connection.execute(spooled_content_table.delete().where(cc.instance_pk.in_(in_index)))
+    return spooled
+
+
 def spooled_contents(connection: Connection, instance_pks: Iterable[int]) -> dict[int, bytes]:
     """The bytes of the given instances that are spooled in the index, by primary key."""
     wanted = list(instance_pks)
