@@ -15,6 +15,7 @@ from gateway.config import GatewayConfig
 from gateway.node import Node
 from tests.helpers import dcmtk
 from tests.helpers.admin_http import TcpProxy, tcp_proxy
+from tests.helpers.net import closed_port
 from tests.helpers.nodes import FILE_SPOOL, make_config, running_node
 
 POSTGRES_ADMIN_URL = os.environ.get(
@@ -75,6 +76,13 @@ def node(gateway_config: GatewayConfig) -> Iterator[Node]:
     """A running in-process node on a free port, on each database."""
     with running_node(gateway_config) as running:
         yield running
+
+
+@pytest.fixture
+def down_port() -> Iterator[int]:
+    """A destination port that refuses connections for the whole test."""
+    with closed_port() as port:
+        yield port
 
 
 @pytest.fixture

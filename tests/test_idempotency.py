@@ -43,7 +43,9 @@ def test_identical_resend_succeeds_and_creates_nothing(node: Node, tmp_path: Pat
     assert sum(1 for e in logs if e["event"] == "instance_duplicate") == 3
     released = [e for e in logs if e["event"] == "association_released"]
     assert released[0]["duplicates"] == 3
-    assert _rows(node, "SELECT duplicates FROM association ORDER BY requested_at") == [(0,), (3,)]
+    # The association's row is written just after its release is logged.
+    wait_until(lambda: _rows(node, "SELECT duplicates FROM association ORDER BY requested_at")
+               == [(0,), (3,)], 5, message="the association log to count the duplicates")
 
 
 def test_changed_resend_is_recorded_as_a_new_current_version(node: Node, tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ from gateway.index.database import describe_error
 from gateway.logs import REDACTED, RedactPHI, configure_logging
 from tests.helpers import dcmtk
 from tests.helpers.data import make_study
-from tests.helpers.net import free_port, wait_until
+from tests.helpers.net import wait_until
 from tests.helpers.nodes import node_process
 
 
@@ -88,9 +88,9 @@ def test_database_errors_are_logged_without_parameters() -> None:
 
 @pytest.mark.integration
 def test_correlation_ids_tie_an_association_to_its_forwards_and_no_phi_is_logged(
-    tmp_path: Path,
+    tmp_path: Path, down_port: int,
 ) -> None:
-    down = free_port()
+    down = down_port
     destination = {"name": "pacs", "ae_title": "PEER", "host": "127.0.0.1", "port": down,
                    "timeout": 3.0, "retry": {"initial_seconds": 0.1, "max_seconds": 0.2,
                                              "max_attempts": 1}}

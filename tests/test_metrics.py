@@ -67,9 +67,9 @@ def test_receiving_moves_association_instance_byte_and_latency_metrics(
 
 
 def test_a_failing_destination_shows_in_outcomes_queue_depth_age_and_dead_letters(
-    tmp_path: Path, database_url: str
+    tmp_path: Path, down_port: int, database_url: str
 ) -> None:
-    down = free_port()  # nobody listens here
+    down = down_port  # nobody listens here
     with dcmtk.storescp(tmp_path / "pacs", ae_title="PEER") as pacs:
         config = make_config(
             tmp_path / "gw", database_url, http=http_section(tmp_path),
@@ -98,9 +98,9 @@ def test_a_failing_destination_shows_in_outcomes_queue_depth_age_and_dead_letter
 
 
 def test_a_held_queue_reports_its_depth_and_the_age_of_its_oldest_job(
-    tmp_path: Path, database_url: str
+    tmp_path: Path, down_port: int, database_url: str
 ) -> None:
-    down = free_port()
+    down = down_port
     config = make_config(tmp_path, database_url, http=http_section(tmp_path),
                          destination=[_dest("down", down)],
                          route=[{"name": "all", "destinations": ["down"]}])

@@ -176,9 +176,9 @@ def test_api_reload_changes_accepted_calling_aes_and_names_settings_needing_rest
 
 @pytest.mark.integration
 def test_removing_a_destination_turns_its_waiting_jobs_into_dead_letters(
-    tmp_path: Path, database_url: str
+    tmp_path: Path, down_port: int, database_url: str
 ) -> None:
-    down = free_port()
+    down = down_port
     data = config_data(tmp_path / "gw", database_url, http=http_section(tmp_path),
                        destination=[_dest("old", down)],
                        route=[{"name": "all", "destinations": ["old"]}])

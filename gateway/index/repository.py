@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
-import functools
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
 from sqlalchemy import Connection, Table, and_, bindparam, case, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Dialect
 
 from gateway.dicom.attributes import InstanceAttributes
 from gateway.index import outbox
+from gateway.index.prepared import Prepared
 from gateway.index.schema import (
     Association,
     ForwardJob,
@@ -102,20 +103,38 @@ def patient_key(attrs: InstanceAttributes) -> str:
     return f"study:{attrs.study_instance_uid}"
 
 
-# The statements of the C-STORE path are built once per dialect: building an INSERT ...
-# ON CONFLICT costs more CPU than executing it, and a statement object reused keeps its
-# compiled form in SQLAlchemy's cache. Values are bound at execution.
+# The statements of the C-STORE path are built once per dialect, compiled for the names
+# of the values they are given, and run on the driver's cursor (gateway.index.prepared):
+# SQLAlchemy's per-execution work cost more CPU than executing them.
+
+_PATIENT_VALUES = ("patient_key", "patient_id", "issuer_of_patient_id", "patient_name",
+                   "patient_birth_date", "patient_sex", "updated_at")
+_STUDY_VALUES = ("study_instance_uid", "patient_pk", "accession_number", "study_date",
+                 "study_time", "study_description", "study_id", "referring_physician_name",
+                 "first_received_at", "last_received_at", "change_seq")
+_SERIES_VALUES = ("series_instance_uid", "study_pk", "modality", "series_number",
+                  "series_description", "body_part_examined", "last_received_at")
+_INSTANCE_VALUES = (
+    "sop_instance_uid", "series_pk", "sop_class_uid", "instance_number", "number_of_frames",
+    "transfer_syntax_uid", "size", "dataset_offset", "sha256", "version", "is_current",
+    "state", "spool_name", "received_by", "calling_ae", "called_ae", "association_id",
+    "received_at", "upload_attempts", "routed", "document_title", "document_mime_type",
+    "content_date", "content_time", "sha1",
+)
+_CONTENT_VALUES = ("instance_pk", "content")
+_FORWARD_JOB_VALUES = ("instance_pk", "destination", "route", "route_morph",
+                       "study_instance_uid", "state", "attempts", "created_at", "updated_at")
 
 
 @dataclass(frozen=True, slots=True)
 class _HotStatements:
-    upsert_patient: Any
-    upsert_study: Any
-    upsert_series: Any
-    find_current: Any
-    insert_instance: Any
-    insert_content: Any
-    insert_forward_jobs: Any
+    upsert_patient: Prepared
+    upsert_study: Prepared
+    upsert_series: Prepared
+    find_current: Prepared
+    insert_instance: Prepared
+    insert_content: Prepared
+    insert_forward_jobs: Prepared
 
 
 def _build_upsert_patient(insert: Any) -> Any:
@@ -185,22 +204,29 @@ def _build_find_current() -> Any:
     )
 
 
-@functools.cache
-def _hot_statements(dialect_name: str) -> _HotStatements:
-    insert = postgresql.insert if dialect_name == "postgresql" else sqlite.insert
+def _build_hot_statements(dialect: Dialect) -> _HotStatements:
+    insert = postgresql.insert if dialect.name == "postgresql" else sqlite.insert
     return _HotStatements(
-        upsert_patient=_build_upsert_patient(insert),
-        upsert_study=_build_upsert_study(insert),
-        upsert_series=_build_upsert_series(insert),
-        find_current=_build_find_current(),
-        insert_instance=instance_table.insert().returning(instance_table.c.id),
-        insert_content=spooled_content_table.insert(),
-        insert_forward_jobs=forward_job_table.insert(),
+        upsert_patient=Prepared(_build_upsert_patient(insert), dialect, _PATIENT_VALUES),
+        upsert_study=Prepared(_build_upsert_study(insert), dialect, _STUDY_VALUES),
+        upsert_series=Prepared(_build_upsert_series(insert), dialect, _SERIES_VALUES),
+        find_current=Prepared(_build_find_current(), dialect, ("uid",)),
+        insert_instance=Prepared(instance_table.insert().returning(instance_table.c.id),
+                                 dialect, _INSTANCE_VALUES),
+        insert_content=Prepared(spooled_content_table.insert(), dialect, _CONTENT_VALUES),
+        insert_forward_jobs=Prepared(forward_job_table.insert(), dialect, _FORWARD_JOB_VALUES),
     )
 
 
+_hot_by_dialect: dict[str, _HotStatements] = {}
+
+
 def _statements(connection: Connection) -> _HotStatements:
-    return _hot_statements(connection.dialect.name)
+    dialect = connection.dialect
+    statements = _hot_by_dialect.get(dialect.name)
+    if statements is None:  # two threads may both build them: the same, either is kept
+        statements = _hot_by_dialect[dialect.name] = _build_hot_statements(dialect)
+    return statements
 
 
 def _upsert_patient(connection: Connection, attrs: InstanceAttributes, now: dt.datetime) -> int:
@@ -213,7 +239,7 @@ def _upsert_patient(connection: Connection, attrs: InstanceAttributes, now: dt.d
         "patient_sex": attrs.patient_sex,
         "updated_at": now,
     }
-    return int(connection.execute(_statements(connection).upsert_patient, values).scalar_one())
+    return int(_statements(connection).upsert_patient.execute(connection, values).id)
 
 
 def _upsert_study(
@@ -254,12 +280,12 @@ def _upsert_series(
 
 
 def _upsert(
-    connection: Connection, statement: Any, table: Table, values: dict[str, Any], *,
+    connection: Connection, statement: Prepared, table: Table, values: dict[str, Any], *,
     indexed: tuple[str, ...], replace: tuple[str, ...],
 ) -> int:
     """Run an upsert that leaves the *indexed* columns alone (it returns their stored
     values), then write those of them that changed; returns the row's id."""
-    stored = connection.execute(statement, values).one()
+    stored = statement.execute(connection, values)
     changes = indexed_changes(
         {column: getattr(stored, column) for column in indexed},
         {column: values[column] for column in indexed},
@@ -288,9 +314,7 @@ def indexed_changes(
 
 def find_current(connection: Connection, sop_instance_uid: str) -> Any:
     """The current version of a SOP instance (locked for update on PostgreSQL)."""
-    return connection.execute(
-        _statements(connection).find_current, {"uid": sop_instance_uid}
-    ).first()
+    return _statements(connection).find_current.execute(connection, {"uid": sop_instance_uid})
 
 
 def record_instance(
@@ -331,8 +355,8 @@ def record_instance(
         version = current.version + 1
         outcome = RecordOutcome.NEW_VERSION
     statements = _statements(connection)
-    instance_pk = connection.execute(
-        statements.insert_instance,
+    instance_pk = statements.insert_instance.execute(
+        connection,
         {
             "sop_instance_uid": attrs.sop_instance_uid,
             "series_pk": series_pk,
@@ -360,14 +384,14 @@ def record_instance(
             "content_time": attrs.content_time,
             "sha1": record.sha1,
         },
-    ).scalar_one()
+    ).id
     if record.content is not None:
-        connection.execute(
-            statements.insert_content, {"instance_pk": instance_pk, "content": record.content}
+        statements.insert_content.execute(
+            connection, {"instance_pk": instance_pk, "content": record.content}
         )
     if record.destinations:
-        connection.execute(
-            statements.insert_forward_jobs,
+        statements.insert_forward_jobs.execute_many(
+            connection,
             [
                 {
                     "instance_pk": instance_pk,
@@ -389,9 +413,8 @@ def record_instance(
 def _adopt(connection: Connection, instance_pk: int, record: InstanceRecord) -> None:
     """Make *record*'s copy of the bytes the spooled copy of the row *instance_pk*."""
     if record.content is not None:
-        connection.execute(
-            _statements(connection).insert_content,
-            {"instance_pk": instance_pk, "content": record.content},
+        _statements(connection).insert_content.execute(
+            connection, {"instance_pk": instance_pk, "content": record.content}
         )
     connection.execute(
         update(instance_table)

@@ -6,7 +6,8 @@ import os
 import random
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 LOOPBACK = "127.0.0.1"
 
@@ -32,6 +33,16 @@ def free_port() -> int:
                 continue
             return port
     raise RuntimeError("no free port in this worker's range")
+
+
+@contextmanager
+def closed_port() -> Iterator[int]:
+    """A loopback port that refuses connections for the whole block: bound, never
+    listening, so no server can take it meanwhile (a port merely free when picked can
+    be taken by the time a test connects to it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((LOOPBACK, 0))
+        yield int(sock.getsockname()[1])
 
 
 def wait_until(condition: Callable[[], bool], timeout: float, interval: float = 0.05,
