@@ -25,7 +25,7 @@ from gateway.backoff import retry_delay
 from gateway.config import DestinationConfig, MorphConfig
 from gateway.dicom import skip_value_validation_on_read
 from gateway.index import admin, queue
-from gateway.index.database import describe_error
+from gateway.index.database import describe_error, reading
 from gateway.index.outbox import Outcome
 from gateway.index.queue import ClaimedJob
 from gateway.logs import failure_fields, get_logger
@@ -225,6 +225,7 @@ class DestinationWorker:
         if opened is None:
             return
         link, association_id = opened
+        link.expect(jobs)
         if link.established and self.state.succeeded():
             log.info("destination_recovered", destination=self.destination.name)
         summary = _BatchSummary(association_id, started, received_by=_sources(jobs))
@@ -522,7 +523,7 @@ class Forwarder:
 
     def refresh_paused(self) -> None:
         """Apply the operators' pause/resume decisions (shared by all nodes)."""
-        with self.settings.engine.connect() as connection:
+        with reading(self.settings.engine) as connection:
             paused = admin.paused_destinations(connection)
         for name, state in self.states.items():
             if state.paused_by_operator != (name in paused):

@@ -134,11 +134,12 @@ class _IndexCollector(Collector):
 
     def collect(self) -> Iterator[Any]:
         from gateway.index import events, queue, repository
+        from gateway.index.database import reading
         from gateway.index.schema import Instance
 
         up = GaugeMetricFamily(f"{PREFIX}_index_up", "1 when the index database answers")
         try:
-            with self.engine.connect() as connection:
+            with reading(self.engine) as connection:
                 instance = Instance.__table__.c
                 spooled = connection.execute(
                     select(func.count()).where(instance.state == repository.SPOOLED)

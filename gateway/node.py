@@ -31,7 +31,7 @@ from gateway.hl7.listener import Hl7Listener, Hl7Processor
 from gateway.http.api import build_router
 from gateway.http.server import AdminServer
 from gateway.index import admin, repository
-from gateway.index.database import describe_error, make_engine, migrate
+from gateway.index.database import describe_error, make_engine, migrate, reading
 from gateway.ingest import Ingestor
 from gateway.logs import failure_fields, get_logger
 from gateway.metrics import Metrics
@@ -297,7 +297,7 @@ class Node:
         """Why the node cannot take work now; empty when it can."""
         problems = []
         try:
-            with self.engine.connect() as connection:
+            with reading(self.engine) as connection:
                 connection.execute(text("SELECT 1"))
         except SQLAlchemyError as exc:
             problems.append(f"index database unavailable: {describe_error(exc)}")

@@ -32,6 +32,7 @@ from gateway import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from gateway.acceptance import describe_rejection
 from gateway.config import DestinationConfig, MorphConfig
 from gateway.index import orders, repository
+from gateway.index.database import reading
 from gateway.index.queue import ClaimedJob
 from gateway.index.repository import SPOOLED, instance_table
 from gateway.morph import apply_morph
@@ -41,6 +42,7 @@ from gateway.status import StatusCategory, classify, describe
 from gateway.transfer import Mode, SendPlan, contexts_for, plan, syntax_name
 
 _COPY_CHUNK = 1024 * 1024
+_CONTENTS_READ_AHEAD = 32  # instances spooled in the index read in one query
 # P-DATA PDUs waiting to be sent, in bytes: bounds the memory a streamed file takes.
 _SEND_WINDOW_BYTES = 4 * 1024 * 1024
 
@@ -133,6 +135,8 @@ class DestinationLink:
         self.accepted: set[tuple[str, str]] = set()
         self.proposed: frozenset[tuple[str, str]] = frozenset()
         self._assoc: Any = None
+        self._upcoming: list[int] = []
+        self._contents: dict[int, bytes] = {}
 
     @property
     def established(self) -> bool:
@@ -158,6 +162,10 @@ class DestinationLink:
         for context in contexts_for(items, decompress=destination.decompress):
             ae.add_requested_context(context.abstract_syntax, list(context.transfer_syntaxes))
         connected, answered = threading.Event(), threading.Event()
+
+        def on_pdu(_event: Any) -> None:
+            answered.set()
+
         try:
             assoc = ae.associate(
                 destination.host,
@@ -165,7 +173,7 @@ class DestinationLink:
                 ae_title=destination.ae_title,
                 max_pdu=destination.max_pdu_length,
                 evt_handlers=[(evt.EVT_CONN_OPEN, lambda event: connected.set()),
-                              (evt.EVT_PDU_RECV, lambda event: answered.set())],
+                              (evt.EVT_PDU_RECV, on_pdu)],
             )
         except OSError as exc:  # e.g. a host name that does not resolve
             where = f"{destination.ae_title}@{destination.host}:{destination.port}"
@@ -178,6 +186,8 @@ class DestinationLink:
                 return
             raise AssociationFailedError(
                 self._failure_reason(assoc, connected.is_set(), answered.is_set()))
+        # Only the negotiation is watched: every PDU of the association would call it.
+        assoc.unbind(evt.EVT_PDU_RECV, on_pdu)
         _bound_sending(assoc, destination.timeout)
         self._assoc = assoc
         self.proposed = frozenset(items)
@@ -208,6 +218,13 @@ class DestinationLink:
         if self._assoc.is_established:
             self._assoc.release()
         self._assoc = None
+
+    def expect(self, jobs: list[ClaimedJob]) -> None:
+        """The jobs about to be sent, in order: the bytes of those spooled in the index
+        are then read a few dozen at a time instead of one query per instance."""
+        self._upcoming = [job.instance_pk for job in jobs
+                          if job.spool_name is None and job.instance_state == SPOOLED]
+        self._contents = {}
 
     def send(self, job: ClaimedJob, route_morph: MorphConfig | None) -> SendResult:
         """Send one instance; never raises for anything the destination or data did."""
@@ -287,12 +304,21 @@ class DestinationLink:
         return _held(fd, cleanup)
 
     def _spooled_content(self, instance_pk: int) -> bytes | None:
-        with self.engine.connect() as connection:
-            return repository.spooled_contents(connection, [instance_pk]).get(instance_pk)
+        if instance_pk not in self._contents:
+            # This one and the next few expected (bounded: a batch may be thousands).
+            try:
+                start = self._upcoming.index(instance_pk)
+            except ValueError:
+                wanted = [instance_pk]
+            else:
+                wanted = self._upcoming[start:start + _CONTENTS_READ_AHEAD]
+            with reading(self.engine) as connection:
+                self._contents = repository.spooled_contents(connection, wanted)
+        return self._contents.pop(instance_pk, None)
 
     def _order_demographics(self, study_instance_uid: str) -> MorphConfig | None:
         """The matched order's patient demographics, as a morph of the forwarded copy."""
-        with self.engine.connect() as connection:
+        with reading(self.engine) as connection:
             order = orders.order_for_study(connection, study_instance_uid)
         if order is None:
             return None
@@ -305,7 +331,7 @@ class DestinationLink:
         return MorphConfig(set=present) if present else None
 
     def _object_key_now(self, instance_pk: int) -> str | None:
-        with self.engine.connect() as connection:
+        with reading(self.engine) as connection:
             key = connection.execute(
                 select(instance_table.c.object_key).where(instance_table.c.id == instance_pk)
             ).scalar_one_or_none()

@@ -31,7 +31,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from gateway.backoff import retry_delay
 from gateway.config import RetryConfig
 from gateway.index import repository
-from gateway.index.database import describe_error
+from gateway.index.database import describe_error, reading
 from gateway.logs import failure_fields, get_logger
 from gateway.metrics import Metrics
 from gateway.objectstore import (
@@ -169,7 +169,7 @@ class Uploader:
         if idle_workers <= 0:
             return 0  # every worker has a batch; what arrives meanwhile makes the next one
         try:
-            with self.engine.connect() as connection:
+            with reading(self.engine) as connection:
                 rows = repository.due_uploads(
                     connection, self.node_name, self.clock(), idle_workers * _BATCH, exclude
                 )
@@ -226,7 +226,7 @@ class Uploader:
         in_index = [row.id for row in rows if row.spool_name is None]
         if not in_index:
             return {}
-        with self.engine.connect() as connection:
+        with reading(self.engine) as connection:
             return repository.spooled_contents(connection, in_index)
 
     @staticmethod

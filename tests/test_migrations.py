@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,7 +15,7 @@ from sqlalchemy import func, inspect, select
 from sqlalchemy.exc import OperationalError
 
 from gateway.index import repository
-from gateway.index.database import alembic_config, make_engine, migrate
+from gateway.index.database import alembic_config, make_engine, migrate, reading
 from gateway.index.repository import instance_table
 from gateway.index.schema import Base, current_instance
 
@@ -204,3 +205,26 @@ def test_the_lighter_index_migration_downgrades_and_upgrades(database_url: str) 
     assert "ix_instance_unrouted" not in before
     assert after == before - {"ix_instance_sop_instance_uid", "ix_instance_association_id",
                               "ix_instance_routed"} | {"ix_instance_unrouted"}
+
+
+def test_sqlite_reads_neither_wait_for_the_writer_nor_hold_it_up(tmp_path: Path) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path}/r.db", timeout=0.3)
+    with engine.begin() as connection:
+        connection.exec_driver_sql("CREATE TABLE t (v INTEGER)")
+        connection.exec_driver_sql("INSERT INTO t VALUES (1)")
+    writer = engine.connect()
+    writer.begin()
+    writer.exec_driver_sql("INSERT INTO t VALUES (2)")  # holds the write lock
+    try:
+        started = time.monotonic()
+        with reading(engine) as reader:
+            assert reader.exec_driver_sql("SELECT count(*) FROM t").scalar() == 1
+            # The reader's open transaction does not hold up a commit either.
+            writer.commit()
+            assert reader.exec_driver_sql("SELECT count(*) FROM t").scalar() == 1  # snapshot
+        assert time.monotonic() - started < 0.25
+        with reading(engine) as reader:
+            assert reader.exec_driver_sql("SELECT count(*) FROM t").scalar() == 2
+    finally:
+        writer.close()
+        engine.dispose()

@@ -18,7 +18,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from gateway.events.builder import EventTargets, OrderFacts, build_events
 from gateway.hl7.messages import PatientInfo
 from gateway.index import events, orders
-from gateway.index.database import describe_error
+from gateway.index.database import describe_error, reading
 from gateway.logs import failure_fields, get_logger
 from gateway.metrics import Metrics
 
@@ -75,7 +75,7 @@ class StudyWatcher:
     def check(self) -> int:
         """Raise the events of every study that is due now; returns how many."""
         cutoff = self.clock() - self.stable
-        with self.engine.connect() as connection:
+        with reading(self.engine) as connection:
             due = events.due_studies(connection, cutoff)
         raised = 0
         for study_pk in due:

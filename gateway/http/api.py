@@ -18,7 +18,7 @@ from gateway import __version__
 from gateway.http.openapi import OPENAPI
 from gateway.http.server import ApiError, Request, Router
 from gateway.index import admin, events, orders, queue
-from gateway.index.database import describe_error
+from gateway.index.database import describe_error, reading
 from gateway.reload import ReloadOutcome
 
 
@@ -68,7 +68,7 @@ class AdminApi:
 
     def _read(self, work: Any) -> Any:
         try:
-            with self.node.engine.connect() as connection:
+            with reading(self.node.engine) as connection:
                 return work(connection)
         except SQLAlchemyError as exc:
             raise ApiError(503, f"index database unavailable: {describe_error(exc)}") from exc

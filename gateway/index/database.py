@@ -23,7 +23,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
-from sqlalchemy import Engine, create_engine, event, exc
+from sqlalchemy import Connection, Engine, create_engine, event, exc
 from sqlalchemy.engine import make_url
 
 from gateway.logs import get_logger
@@ -41,6 +41,21 @@ def describe_error(exc: BaseException) -> str:
     """
     lines = str(exc).splitlines()
     return (lines[0] if lines else type(exc).__name__)[:300]
+
+
+_READ_ONLY = "gateway_read_only"
+
+
+def reading(engine: Engine) -> Connection:
+    """A connection for reads only (use it in a ``with`` block).
+
+    On SQLite its transactions begin deferred and take no write lock: in WAL mode a
+    reader never waits for the writer, nor the writer for it, so a forwarder reading an
+    instance's bytes or a metrics scrape does not queue with the C-STOREs being
+    committed. It must not write (a deferred transaction that turns into a write can
+    fail on the lock instead of waiting for it).
+    """
+    return engine.connect().execution_options(**{_READ_ONLY: True})
 
 
 def make_engine(url: str, *, timeout: float = 10.0, pool_size: int = 16) -> Engine:
@@ -217,25 +232,31 @@ def _configure_sqlite(engine: Engine, timeout: float, write_lock: WriteLock) -> 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Any) -> None:
         dbapi_connection = connection.connection.dbapi_connection
+        if connection.get_execution_options().get(_READ_ONLY):
+            _begin(dbapi_connection, "BEGIN", engine)
+            return
         queued = isinstance(dbapi_connection, _QueuedSqliteConnection)
         if queued and not dbapi_connection.acquire_write_lock():
             raise exc.OperationalError(
                 "BEGIN IMMEDIATE", None, sqlite3.OperationalError("database is locked")
             )
         try:
-            # On the driver's connection: SQLAlchemy's execution of it cost more CPU
-            # than the BEGIN, on every C-STORE. Its errors are raised as SQLAlchemy's.
-            dbapi_connection.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as error:
-            if queued:
-                dbapi_connection.release_write_lock()
-            raise exc.DBAPIError.instance(
-                "BEGIN IMMEDIATE", (), error, sqlite3.Error, dialect=engine.dialect
-            ) from error
+            _begin(dbapi_connection, "BEGIN IMMEDIATE", engine)
         except BaseException:
             if queued:
                 dbapi_connection.release_write_lock()
             raise
+
+
+def _begin(dbapi_connection: Any, statement: str, engine: Engine) -> None:
+    """Begin on the driver's connection: SQLAlchemy's execution of the statement cost
+    more CPU than the BEGIN, on every C-STORE. Its errors are raised as SQLAlchemy's."""
+    try:
+        dbapi_connection.execute(statement)
+    except sqlite3.Error as error:
+        raise exc.DBAPIError.instance(
+            statement, (), error, sqlite3.Error, dialect=engine.dialect
+        ) from error
 
 
 def alembic_config(engine: Engine) -> AlembicConfig:
