@@ -17,7 +17,7 @@ from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification
 
 from gateway import dimse_reactor
-from gateway.dimse_reactor import _acceptor_idle_wait, _dul_idle_wait, _Waker
+from gateway.dimse_reactor import _association_idle_wait, _Checkpoint, _dul_idle_wait, _Waker
 from tests.helpers.net import LOOPBACK, wait_until
 
 
@@ -126,19 +126,34 @@ class _Dimse:
 @dataclass
 class _Assoc:
     dimse: _Dimse = field(default_factory=_Dimse)
+    _reactor_checkpoint: threading.Event | None = None
 
 
-def test_acceptor_wait_ends_when_a_message_arrives() -> None:
+def test_association_wait_ends_when_a_message_arrives() -> None:
     assoc = _Assoc()
     timer = _later(0.05, lambda: assoc.dimse.msg_queue.put((1, "C-STORE-RQ")))
-    assert _timed(lambda: _acceptor_idle_wait(assoc, 2.0)) < 1.0
+    assert _timed(lambda: _association_idle_wait(assoc, 2.0)) < 1.0
     timer.join()
     # The message is left for pynetdicom's own get().
     assert assoc.dimse.msg_queue.get_nowait() == (1, "C-STORE-RQ")
 
 
-def test_acceptor_wait_lasts_its_delay_when_nothing_arrives() -> None:
-    assert _timed(lambda: _acceptor_idle_wait(_Assoc(), 0.1)) >= 0.09
+def test_association_wait_lasts_its_delay_when_nothing_arrives() -> None:
+    assoc = _Assoc()
+    assoc._reactor_checkpoint = _Checkpoint(assoc)
+    assert _timed(lambda: _association_idle_wait(assoc, 0.1)) >= 0.09
+
+
+def test_association_wait_ends_when_a_pause_is_requested() -> None:
+    # pynetdicom pauses the association thread around each message it sends, spinning
+    # until the thread reaches its checkpoint: the request must end the idle wait.
+    assoc = _Assoc()
+    assoc._reactor_checkpoint = _Checkpoint(assoc)
+    timer = _later(0.05, assoc._reactor_checkpoint.clear)
+    assert _timed(lambda: _association_idle_wait(assoc, 2.0)) < 1.0
+    timer.join()
+    # Already paused: no wait at all.
+    assert _timed(lambda: _association_idle_wait(assoc, 2.0)) < 0.5
 
 
 def test_association_sockets_have_nagle_turned_off_both_ways() -> None:
