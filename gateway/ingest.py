@@ -56,6 +56,9 @@ class ReceivedInstance:
     sop_instance_uid: str
     transfer_syntax_uid: str
     content: bytes | bytearray | None = None
+    dataset_offset: int | None = None
+    """Where the data set starts, when the receiver wrote the file meta group itself
+    (it is then not parsed again)."""
 
     def discard(self) -> None:
         """Remove the received file, if there is one (it will not be kept)."""
@@ -348,7 +351,9 @@ class Ingestor:
         """The indexed attributes, data set offset and routing of a Part 10 object."""
         routing = self._routing
         try:
-            _, offset = read_file_meta(buffer)
+            offset = received.dataset_offset
+            if offset is None:
+                _, offset = read_file_meta(buffer)
             header = read_header(
                 buffer, offset, dataset_encoding(received.transfer_syntax_uid),
                 routing.header_tags,

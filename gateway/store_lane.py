@@ -171,6 +171,8 @@ class _Message:
     error: str | None = None
     content: bytearray | None = None
     """The object so far, while it is held in memory (then *fd* and *path* are None)."""
+    dataset_offset: int = 0
+    """The length of the preamble and file meta group the lane wrote."""
 
 
 class ProtocolError(Exception):
@@ -340,7 +342,8 @@ class StoreLane:
             implementation_uid=pynetdicom.PYNETDICOM_IMPLEMENTATION_UID,
             implementation_version=pynetdicom.PYNETDICOM_IMPLEMENTATION_VERSION,
         )
-        message = _Message(context_id, command, syntax, content=content)
+        message = _Message(context_id, command, syntax, content=content,
+                           dataset_offset=len(content))
         self._message = message
         if len(content) > self.in_memory_max:
             self._to_file(message, b"")
@@ -400,7 +403,7 @@ class StoreLane:
             try:
                 status, comment = self.serve(ReceivedInstance(
                     message.path, command.sop_class_uid, command.sop_instance_uid,
-                    message.transfer_syntax, message.content,
+                    message.transfer_syntax, message.content, message.dataset_offset,
                 ))
             except Exception as exc:  # noqa: BLE001 - answered as pynetdicom answers it
                 log.error("c_store_internal_error",

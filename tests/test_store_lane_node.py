@@ -254,6 +254,7 @@ def test_an_object_is_held_in_memory_up_to_the_limit_and_continued_in_a_file_bey
         assert parrot.receive_command().Status == 0x0000
         parrot.close()
         (instance,) = received
+        assert instance.dataset_offset == header
         if in_memory:
             assert (instance.path, bytes(instance.content or b"")) == (None, expected)
         else:
