@@ -15,7 +15,9 @@ import contextlib
 import datetime as dt
 import hashlib
 import mmap
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from io import BufferedReader
 from pathlib import Path
@@ -44,6 +46,7 @@ from gateway.status import Status
 log = get_logger(__name__)
 
 _HASH_CHUNK = 1024 * 1024
+_KEEP_IDLE_SECONDS = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +116,52 @@ class _Parsed:
     decision: RoutingDecision | None
 
 
+class _KeptConnection:
+    """The connection the group commit's batches run on, kept from one batch to the next.
+
+    Checking a connection out of the pool and back in for every C-STORE cost more CPU
+    than some of its statements; only one batch runs at a time, so one connection serves
+    them all. It goes back to the pool when a batch ends with an error or leaves it
+    unusable, and after a pause of :data:`_KEEP_IDLE_SECONDS` (so that the pool checks a
+    PostgreSQL connection again before it is used)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._kept: Connection | None = None
+        self._used = 0.0
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def connection(self) -> Iterator[Connection]:
+        with self._lock:
+            kept, self._kept = self._kept, None
+        if kept is not None and time.monotonic() - self._used > _KEEP_IDLE_SECONDS:
+            _close_quietly(kept)
+            kept = None
+        connection = kept if kept is not None else self._engine.connect()
+        try:
+            yield connection
+        except BaseException:
+            _close_quietly(connection)
+            raise
+        if connection.invalidated or connection.in_transaction():
+            _close_quietly(connection)
+            return
+        with self._lock:
+            self._kept, self._used = connection, time.monotonic()
+
+    def close(self) -> None:
+        with self._lock:
+            kept, self._kept = self._kept, None
+        if kept is not None:
+            _close_quietly(kept)
+
+
+def _close_quietly(connection: Connection) -> None:
+    with contextlib.suppress(SQLAlchemyError):
+        connection.close()
+
+
 class _CommitUncertainError(Exception):
     """COMMIT failed: the transaction may or may not have been applied."""
 
@@ -155,6 +204,11 @@ class Ingestor:
         self._group: GroupCommit[InstanceRecord, repository.RecordResult] = GroupCommit(
             self._commit_batch, on_batch=on_batch
         )
+        self._connection = _KeptConnection(engine)
+
+    def close(self) -> None:
+        """Return the connection kept for commits to the pool (the node is stopping)."""
+        self._connection.close()
 
     def set_routing(self, router: Router | None, extra_tags: Iterable[int]) -> None:
         """Route new instances with *router* (a configuration reload); instances being
@@ -267,31 +321,34 @@ class Ingestor:
         """
         if len(records) == 1:
             return [_outcome_of(self._commit_one, records[0])]
-        connection: Connection | None = None
         try:
-            connection = self.engine.connect()
-            transaction = connection.begin()
-        except SQLAlchemyError as exc:
-            if connection is not None:
-                with contextlib.suppress(SQLAlchemyError):
-                    connection.close()
+            with self._connection.connection() as connection:
+                together = self._commit_together(connection, records)
+        except SQLAlchemyError as exc:  # connecting or beginning: every record's answer
             return [exc] * len(records)
-        with connection:
-            try:
-                results: list[repository.RecordResult | BaseException] = [
-                    repository.record_instance(connection, record, self._spool_file_exists)
-                    for record in records
-                ]
-            except Exception:  # noqa: BLE001 - each record is retried for its own answer
-                with contextlib.suppress(SQLAlchemyError):
-                    transaction.rollback()
-            else:
-                try:
-                    transaction.commit()
-                except SQLAlchemyError as exc:
-                    return [_uncertain(exc) for _ in records]
-                return results
+        if together is not None:
+            return together
         return [_outcome_of(self._commit_one, record) for record in records]
+
+    def _commit_together(
+        self, connection: Connection, records: Sequence[InstanceRecord]
+    ) -> list[repository.RecordResult | BaseException] | None:
+        """*records* in one transaction; None when a statement failed (rolled back)."""
+        transaction = connection.begin()
+        try:
+            results: list[repository.RecordResult | BaseException] = [
+                repository.record_instance(connection, record, self._spool_file_exists)
+                for record in records
+            ]
+        except Exception:  # noqa: BLE001 - each record is retried for its own answer
+            with contextlib.suppress(SQLAlchemyError):
+                transaction.rollback()
+            return None
+        try:
+            transaction.commit()
+        except SQLAlchemyError as exc:
+            return [_uncertain(exc) for _ in records]
+        return results
 
     def _spool_file_exists(self, name: str) -> bool:
         return self.spool.path(name).exists()
@@ -301,7 +358,7 @@ class Ingestor:
         node on PostgreSQL) may insert the same new SOP instance between our check and
         our insert: the unique index stops it and the retry sees its row."""
         for attempt in range(3):
-            with self.engine.connect() as connection:
+            with self._connection.connection() as connection:
                 transaction = connection.begin()
                 try:
                     result = repository.record_instance(

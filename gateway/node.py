@@ -247,6 +247,7 @@ class Node:
         if self.admin_server is not None:
             self.admin_server.stop()
         self.receiver.stop(self.config.node.stop_timeout)
+        self.ingestor.close()
         self.work.stop()
         self.engine.dispose()
         self.spool.close()

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import event, text
 from sqlalchemy.exc import DataError, OperationalError
 
 from gateway.index import repository
@@ -156,23 +156,28 @@ def test_a_database_that_cannot_begin_fails_the_batch_without_retrying_each_reco
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     engine = node.ingestor.engine
-    connects: list[int] = []
+    begins: list[int] = []
+
+    def unavailable(_connection: Any) -> None:
+        """The index, unreachable after the held record's transaction began."""
+        begins.append(1)
+        if len(begins) > 1:
+            raise OperationalError("BEGIN", {}, Exception("database is locked"))
 
     class Unavailable:
-        """The index engine, unreachable after the held record's connection."""
+        """The ingestor's engine: its connections fail to begin after the first time."""
 
         def connect(self) -> Any:
-            connects.append(1)
-            if len(connects) > 1:
-                raise OperationalError("BEGIN", {}, Exception("database is locked"))
-            return engine.connect()
+            connection = engine.connect()
+            event.listen(connection, "begin", unavailable)
+            return connection
 
-    monkeypatch.setattr(node.ingestor, "engine", Unavailable())
+    monkeypatch.setattr(node.ingestor._connection, "_engine", Unavailable())
     studies = [make_study(tmp_path / f"s{index}", 1) for index in range(SENDERS)]
     reports = _send_at_once(node, studies, held_first_commit)
     statuses = [status for report in reports for _, status in report.statuses]
     assert statuses == [Status.SUCCESS] + [Status.OUT_OF_RESOURCES] * (SENDERS - 1)
-    assert len(connects) == 2  # the held record's, then the batch's: no one-by-one retries
+    assert len(begins) == 2  # the held record's, then the batch's: no one-by-one retries
     assert _count(node, "SELECT count(*) FROM instance") == 1
 
 
@@ -180,3 +185,34 @@ def _sop_uid(path: Path) -> str:
     from pydicom import dcmread
 
     return str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+
+
+def test_commits_run_on_one_kept_connection_given_back_after_a_failure(
+    node: Node, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = node.ingestor.engine
+    connects: list[int] = []
+
+    class Counted:
+        def connect(self) -> Any:
+            connects.append(1)
+            return engine.connect()
+
+    monkeypatch.setattr(node.ingestor._connection, "_engine", Counted())
+    files = make_study(tmp_path / "study", 6)
+    assert [s for _, s in send_files(node.receiver.port, files[:3]).statuses] == [0, 0, 0]
+    assert len(connects) == 1  # one connection, kept from the first commit to the last
+    assert node.ingestor._connection._kept is not None
+    # A commit that fails gives its connection back: the next one is taken afresh.
+    record = repository.record_instance
+
+    def failing(*args: Any, **kwargs: Any) -> Any:
+        raise OperationalError("INSERT", {}, Exception("the database went away"))
+
+    monkeypatch.setattr(repository, "record_instance", failing)
+    report = send_files(node.receiver.port, files[3:4])
+    assert report.statuses[0][1] == Status.OUT_OF_RESOURCES
+    assert node.ingestor._connection._kept is None
+    monkeypatch.setattr(repository, "record_instance", record)
+    assert send_files(node.receiver.port, files[4:]).statuses[0][1] == 0
+    assert len(connects) == 2
