@@ -181,6 +181,13 @@ def _fast_c_store_rq(provider: Any, primitive: Any, context_id: int) -> bool:
     return True
 
 
+def p_data_tf(context_id: int, control: int, fragment: bytes | memoryview) -> bytes:
+    """A P-DATA-TF PDU holding one PDV: message control header *control*, then
+    *fragment* (PS3.8 9.3.5, E.2)."""
+    return struct.pack(">BBLLBB", 0x04, 0, len(fragment) + 6, len(fragment) + 2,
+                       context_id, control) + fragment
+
+
 def fits(provider: Any, command: bytes) -> bool:
     """Whether *command* fits in one PDV under the peer's maximum PDU (0: no limit)."""
     limit = provider.maximum_pdu_size

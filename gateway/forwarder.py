@@ -20,7 +20,7 @@ from pynetdicom import _config
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from gateway import dimse_codec, dimse_reactor
+from gateway import dimse_codec, dimse_reactor, send_lane
 from gateway.backoff import retry_delay
 from gateway.config import DestinationConfig, MorphConfig
 from gateway.dicom import skip_value_validation_on_read
@@ -473,6 +473,7 @@ class Forwarder:
         _config.LOG_HANDLER_LEVEL = "none"
         dimse_reactor.install()  # no Nagle stalls or polling delays per instance sent
         dimse_codec.install()  # C-STORE-RQ command sets without pydicom datasets
+        send_lane.install()  # C-STOREs of stored bytes without pynetdicom's machinery
         skip_value_validation_on_read()  # no regular expression per UID per message
         now = self.settings.clock()
         with self.settings.engine.begin() as connection:

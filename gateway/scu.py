@@ -28,7 +28,7 @@ from pynetdicom import AE, evt
 from pynetdicom.pdu_primitives import P_DATA
 from sqlalchemy import Engine, select
 
-from gateway import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from gateway import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, send_lane
 from gateway.acceptance import describe_rejection
 from gateway.config import DestinationConfig, MorphConfig
 from gateway.index import orders, repository
@@ -135,6 +135,8 @@ class DestinationLink:
         self.accepted: set[tuple[str, str]] = set()
         self.proposed: frozenset[tuple[str, str]] = frozenset()
         self._assoc: Any = None
+        self._lane: send_lane.SendLane | None = None
+        self._context_ids: dict[tuple[str, str], int] = {}
         self._upcoming: list[int] = []
         self._contents: dict[int, bytes] = {}
 
@@ -190,6 +192,11 @@ class DestinationLink:
         assoc.unbind(evt.EVT_PDU_RECV, on_pdu)
         _bound_sending(assoc, destination.timeout)
         self._assoc = assoc
+        self._lane = send_lane.attach(assoc)
+        self._context_ids = {
+            (str(cx.abstract_syntax), str(cx.transfer_syntax[0])): int(cx.context_id)
+            for cx in assoc.accepted_contexts if cx.as_scu
+        }
         self.proposed = frozenset(items)
         self.accepted = {
             (str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in assoc.accepted_contexts
@@ -243,31 +250,60 @@ class DestinationLink:
                 morphs.append(coercion)
         try:
             response, note = self._transmit(job, decision, morphs)
+        except send_lane.SendLaneError as exc:
+            # The lane's answer to a failure it cannot recover from, as pynetdicom's to
+            # a DIMSE timeout: the association is not used any more.
+            self._abort()
+            return SendResult(None, StatusCategory.TRANSIENT_FAILURE,
+                              f"no response from the destination ({exc})")
         except Exception as exc:  # noqa: BLE001 - every failure becomes the job's outcome
             return _failure(exc)
-        if response is None or "Status" not in response:
+        if response is None:
             return SendResult(
                 None, StatusCategory.TRANSIENT_FAILURE,
                 "no response from the destination (timeout or association aborted)",
             )
-        status = int(response.Status)
-        comment = response.get("ErrorComment")
+        status, comment = response
         detail = describe(status) + (f": {comment}" if comment else "")
         return SendResult(status, classify(status), detail, note, job.size)
 
     def _transmit(
         self, job: ClaimedJob, decision: SendPlan, morphs: list[MorphConfig]
-    ) -> tuple[Dataset | None, str | None]:
+    ) -> tuple[tuple[int, str | None] | None, str | None]:
+        """Send *job* as *decision* says; the response's (status, error comment), or None
+        without a response, and a note on a conversion."""
         note = None
         with self._source(job) as path:
             if decision.mode is Mode.AS_STORED and not morphs:
-                return self._assoc.send_c_store(path), note
+                sent = self._send_through_lane(job, path)
+                if sent is not None:
+                    return (sent.status, sent.error_comment), note
+                return _status_of(self._assoc.send_c_store(path)), note
             dataset = dcmread(path)
             if decision.mode is Mode.CONVERT:
                 note = _convert(dataset, str(decision.transfer_syntax))
             for morph in morphs:
                 apply_morph(dataset, morph)
-            return self._assoc.send_c_store(dataset), note
+            return _status_of(self._assoc.send_c_store(dataset)), note
+
+    def _send_through_lane(self, job: ClaimedJob, path: Path) -> send_lane.StoreResponse | None:
+        """Send the stored bytes as they are through the association's send lane; None
+        when the lane does not take this instance (pynetdicom sends it)."""
+        lane = self._lane
+        context_id = self._context_ids.get((job.sop_class_uid, job.transfer_syntax_uid))
+        if lane is None or context_id is None or job.dataset_offset <= 0:
+            return None
+        command = lane.command(job.sop_class_uid, job.sop_instance_uid)
+        if command is None:
+            return None
+        return lane.send(context_id, command, job.sop_instance_uid, path,
+                         offset=job.dataset_offset, length=job.size - job.dataset_offset,
+                         timeout=self.destination.timeout)
+
+    def _abort(self) -> None:
+        assoc, self._assoc = self._assoc, None
+        if assoc is not None:
+            assoc.abort()
 
     @contextlib.contextmanager
     def _source(self, job: ClaimedJob) -> Iterator[Path]:
@@ -369,6 +405,14 @@ def _failure(exc: Exception) -> SendResult:
         return SendResult(None, StatusCategory.PERMANENT_FAILURE, detail)
     # Unreadable source, lost connection, I/O: worth another try.
     return SendResult(None, StatusCategory.TRANSIENT_FAILURE, f"send failed: {exc}")
+
+
+def _status_of(response: Dataset | None) -> tuple[int, str | None] | None:
+    """The status and error comment of a response pynetdicom decoded (None: none)."""
+    if response is None or "Status" not in response:
+        return None
+    comment = response.get("ErrorComment")
+    return int(response.Status), str(comment) if comment else None
 
 
 def _held(fd: int, cleanup: contextlib.ExitStack) -> Path:

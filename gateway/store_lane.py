@@ -64,6 +64,7 @@ from gateway.dimse_codec import (
     c_store_rsp_command,
     file_meta_bytes,
     fits,
+    p_data_tf,
     plain_uids,
     send_pdv,
 )
@@ -84,7 +85,7 @@ _NO_DATA_SET = 0x0101
 _SERVED_WAIT = 0.05  # seconds the lane waits for pynetdicom to finish a message
 _ESTABLISH_WAIT = 10.0  # ... and for it to finish accepting the association
 _HANDLER_FAILED = 0xC211  # what pynetdicom answers when the C-STORE handler raises
-_BYPASSED_EVENTS = (
+BYPASSED_EVENTS = (
     evt.EVT_PDU_RECV, evt.EVT_PDU_SENT, evt.EVT_DATA_RECV, evt.EVT_DATA_SENT,
     evt.EVT_DIMSE_RECV, evt.EVT_DIMSE_SENT, evt.EVT_FSM_TRANSITION,
 )
@@ -151,12 +152,6 @@ def _uid(value: bytes | None) -> str | None:
     except UnicodeDecodeError:
         return None
     return text if plain_uids(text) else None
-
-
-def c_store_rsp_pdu(context_id: int, command: bytes) -> bytes:
-    """A P-DATA-TF PDU holding one PDV: a whole command set (PS3.8 9.3.5, E.2)."""
-    return struct.pack(">BBLLBB", _P_DATA_TF, 0, len(command) + 6, len(command) + 2,
-                       context_id, _COMMAND | _LAST) + command
 
 
 @dataclass(slots=True)
@@ -481,7 +476,7 @@ def _respond(dul: Any, message: _Message, status: int, comment: str | None) -> N
     dimse = dul.assoc.dimse
     if fits(dimse, encoded):
         if dul.to_provider_queue.empty():
-            dul.socket.send(c_store_rsp_pdu(message.context_id, encoded))
+            dul.socket.send(p_data_tf(message.context_id, _COMMAND | _LAST, encoded))
             return
         # pynetdicom has something queued to send (the response to a message it served
         # just before): ours goes after it, as it would from its association thread.
@@ -507,7 +502,7 @@ _installed = False
 def attach(assoc: Any, lane: StoreLane) -> bool:
     """Give *assoc*'s P-DATA to *lane* from now on; False (nothing changed) when the
     lane is not installed or a handler is bound to an event the lane bypasses."""
-    if not _installed or any(assoc.get_handlers(event) for event in _BYPASSED_EVENTS):
+    if not _installed or any(assoc.get_handlers(event) for event in BYPASSED_EVENTS):
         return False
     for settling in (evt.EVT_ESTABLISHED, evt.EVT_ABORTED, evt.EVT_RELEASED):
         assoc.bind(settling, lane._on_settled)
@@ -572,7 +567,7 @@ def _read_pdu(dul: Any, lane: StoreLane) -> None:
     """pynetdicom's ``_read_pdu_data`` (same reads, same events on failure), with
     P-DATA-TF PDUs given to *lane* when it takes them."""
     lane.bind_log_context()
-    received = _receive_pdu(dul)
+    received = receive_pdu(dul)
     if received is None:
         return
     pdu_type, header, body = received
@@ -589,7 +584,7 @@ def _read_pdu(dul: Any, lane: StoreLane) -> None:
     dul._recv_pdu.put(pdu)
 
 
-def _receive_pdu(dul: Any) -> tuple[int, bytes, bytearray] | None:
+def receive_pdu(dul: Any) -> tuple[int, bytes, bytearray] | None:
     """One whole PDU from the socket (type, header, body); None after queueing the
     state machine event for a connection that closed (Evt17) or an unknown PDU type
     (Evt19), as pynetdicom does."""

@@ -84,6 +84,8 @@ def test_a_failing_destination_shows_in_outcomes_queue_depth_age_and_dead_letter
                        message="three dead letters for 'down'")
             wait_until(lambda: metric(api.metrics(), f"{P}forward_queue_depth",
                                       destination="pacs", state="done") == 3, 30)
+            # Uploads follow once the arrivals pause (they yield to receiving).
+            wait_until(lambda: metric(api.metrics(), f"{P}spool_backlog") == 0, 30)
             samples = api.metrics()
     assert metric(samples, f"{P}forward_outcomes_total", destination="pacs",
                   status_class="success") == 3

@@ -20,12 +20,11 @@ from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.pdu_primitives import P_DATA
 
 from gateway import store_lane
-from gateway.dimse_codec import c_store_rsp_command
+from gateway.dimse_codec import c_store_rsp_command, p_data_tf
 from gateway.store_lane import (
     ProtocolError,
     StoreCommand,
     StoreLane,
-    c_store_rsp_pdu,
     parse_store_command,
     pdv_items,
 )
@@ -164,7 +163,7 @@ def test_a_long_or_non_ascii_comment_is_cut_to_its_vr() -> None:
 def test_the_response_pdu_is_the_one_pdv_pynetdicom_would_send() -> None:
     command = c_store_rsp_command(message_id_being_responded_to=1, status=0,
                                   sop_class_uid=CT, sop_instance_uid="1.2.3.4")
-    assert c_store_rsp_pdu(3, command) == _encoded_pdu((3, b"\x03" + command))
+    assert p_data_tf(3, 0x03, command) == _encoded_pdu((3, b"\x03" + command))
 
 
 def test_the_lane_is_not_attached_when_a_bypassed_event_has_a_handler() -> None:

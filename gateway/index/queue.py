@@ -55,6 +55,8 @@ class ClaimedJob:
     object_key: str | None
     received_association_id: str | None = None
     """The association that brought the instance in (ties forward logs to receive logs)."""
+    dataset_offset: int = 0
+    """Where the data set starts in the stored object (after the file meta group)."""
 
 
 def _sendable_by(node: str, instances: Any = instance_table) -> Any:
@@ -134,6 +136,7 @@ def claim_batch(
             i.sop_class_uid,
             i.transfer_syntax_uid,
             i.size,
+            i.dataset_offset,
             i.sha256,
             i.state.label("instance_state"),
             i.spool_name,
