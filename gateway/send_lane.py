@@ -20,20 +20,26 @@ Once a forwarding association is established, :func:`attach` gives it a
   and every PDU while the lane waits for nothing, takes pynetdicom's path.
 
 A response that is not the awaited C-STORE-RSP (another message ID or SOP instance, a
-data set, a malformed command set) is what pynetdicom treats as an invalid PDU: the
-association is aborted (Evt19) and the send fails. No response within the DIMSE timeout,
-or the association ending meanwhile, fails the send too; the forwarder records it as a
-transient failure and starts a new association. Anything the lane does not take (an
-instance converted or morphed, a command set larger than the peer's maximum PDU, an
-observer bound to the events the lane bypasses) is sent by pynetdicom as before.
+data set, a malformed command set), no response within the DIMSE timeout, a destination
+that stops taking data for that long in the middle of a message, or the association
+ending meanwhile fail the send with :class:`SendLaneError`: the forwarder aborts the
+association (once its own write has ended), records a transient failure and starts a
+new association. Anything the lane does not take (an instance converted or morphed, a
+command set larger than the peer's maximum PDU, an observer bound to the events the
+lane bypasses, PDUs pynetdicom still has queued, a TLS connection) is sent by pynetdicom
+as before.
 
-pynetdicom's DUL thread writes to the socket only what is queued for it (a release or
-an abort): while the lane sends, nothing else is queued on that association except an
-abort, after which the association is finished anyway.
+pynetdicom's DUL thread writes to the socket only what is queued for it: while the lane
+sends, that is at most an abort (after which the association is finished anyway) or the
+answer to a peer's A-RELEASE-RQ, which a peer may not send in the middle of a message.
 """
 
 from __future__ import annotations
 
+import contextlib
+import select
+import socket
+import ssl
 import struct
 import threading
 import time
@@ -57,11 +63,17 @@ _NO_DATA_SET = 0x0101
 _PRIORITY_LOW = 0x0002  # what pynetdicom's send_c_store sends by default
 _ALIVE_CHECK = 0.1  # seconds between looks at the association while waiting
 _BATCHED_WRITE = 256 * 1024  # PDUs of a message up to this size go out in one write
+MAX_FRAGMENT = 1024 * 1024
+"""The largest data fragment sent when the peer's maximum PDU length allows more."""
 
 
 class SendLaneError(Exception):
     """The C-STORE got no usable answer (no response, the association ended, a protocol
     error); the association is not to be used any more."""
+
+
+class SendStalledError(SendLaneError):
+    """The destination stopped taking data in the middle of a message."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,19 +133,46 @@ def _text(value: bytes | None, strip: str = " ") -> str | None:
 
 def request_pdus(context_id: int, command: bytes, stream: BinaryIO, length: int,
                  max_pdu_length: int) -> Iterator[bytes]:
-    """The P-DATA-TF PDUs of a C-STORE-RQ: the command set in one PDU, then the data set
-    (the next *length* bytes of *stream*) in fragments of at most ``max_pdu_length - 6``
-    bytes (one fragment when the maximum is 0: no limit), as pynetdicom cuts them; the
-    last fragment flagged. A stream that ends early raises ``OSError``."""
+    """The bytes of the P-DATA-TF PDUs of a C-STORE-RQ, in parts to be written one after
+    the other: the command set in one PDU, then the data set (the next *length* bytes of
+    *stream*) in fragments of at most ``max_pdu_length - 6`` bytes as pynetdicom cuts
+    them, each PDU's header and its fragment as two parts; the last fragment flagged.
+    Fragments are at most :data:`MAX_FRAGMENT` bytes when the peer sets no smaller limit
+    (0: none), so that a large data set is never read into memory whole. A stream that
+    ends early raises ``OSError``."""
     yield p_data_tf(context_id, _COMMAND | _LAST, command)
-    size = length if max_pdu_length == 0 else max_pdu_length - 6
-    count = 1 if max_pdu_length == 0 else max(1, -(-length // size))
+    if max_pdu_length == 0 or max_pdu_length - 6 > MAX_FRAGMENT:
+        size = min(length, MAX_FRAGMENT) or 1
+    else:
+        size = max_pdu_length - 6
+    count = max(1, -(-length // size))
     for index in range(count):
         last = index == count - 1
-        fragment = stream.read(length - index * size if last else size)
-        if len(fragment) != (length - index * size if last else size):
+        wanted = length - index * size if last else size
+        fragment = stream.read(wanted)
+        if len(fragment) != wanted:
             raise OSError(f"the stored data set ends before its {length} bytes")
-        yield p_data_tf(context_id, _LAST if last else 0x00, fragment)
+        yield _pdv_header(context_id, _LAST if last else 0x00, wanted)
+        yield fragment
+
+
+def _pdv_header(context_id: int, control: int, length: int) -> bytes:
+    """The header of a P-DATA-TF PDU holding one PDV of *length* bytes of fragment."""
+    return struct.pack(">BBLLBB", 0x04, 0, length + 6, length + 2, context_id, control)
+
+
+def send_all(sock: socket.socket, data: bytes, stall_seconds: float) -> None:
+    """Write *data*, waiting at most *stall_seconds* at a time for the peer to take more:
+    a destination that stops reading fails the send instead of holding the thread."""
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[sock.send(view, socket.MSG_DONTWAIT):]
+        except (BlockingIOError, InterruptedError):
+            _, writable, _ = select.select([], [sock], [], stall_seconds)
+            if not writable:
+                raise SendStalledError(
+                    f"the destination took no data for {stall_seconds:g} s") from None
 
 
 class _Waiter:
@@ -163,8 +202,10 @@ class SendLane:
     # --- the forwarder's thread ----------------------------------------------------------
 
     def takes(self, command: bytes) -> bool:
-        """Whether a C-STORE-RQ with this command set can go through the lane."""
-        return fits(self._assoc.dimse, command)
+        """Whether a C-STORE-RQ with this command set can go through the lane: it fits
+        in one PDU, and nothing pynetdicom queued earlier is still waiting to be sent
+        (the lane's PDUs would overtake it)."""
+        return fits(self._assoc.dimse, command) and self._dul.to_provider_queue.empty()
 
     def command(self, sop_class_uid: str, sop_instance_uid: str) -> bytes | None:
         """The next C-STORE-RQ command set; None when the lane cannot send it."""
@@ -191,16 +232,19 @@ class SendLane:
             with self._lock:
                 self._waiter = waiter
             try:
-                self._write(request_pdus(context_id, command, stream, length, limit))
+                self._write(request_pdus(context_id, command, stream, length, limit),
+                            timeout)
                 return self._wait(waiter, timeout)
             finally:
                 with self._lock:
                     self._waiter = None
 
-    def _write(self, pdus: Iterator[bytes]) -> None:
-        """Write the PDUs, several at a time (one system call for a small instance). A
-        source that cannot be read is an ``OSError`` before or between writes: after
-        the first write the association is then unusable, like any other failure."""
+    def _write(self, parts: Iterator[bytes], stall_seconds: float) -> None:
+        """Write the PDUs' parts, joined up to :data:`_BATCHED_WRITE` bytes (one system
+        call for a small instance). A source that cannot be read is an ``OSError``
+        before the first write; after it, the association is unusable, like after any
+        other failure. A destination that stops reading is shut out, so that the abort
+        that follows cannot wait on it too."""
         sock = self._dul.socket.socket
         if sock is None:
             raise SendLaneError("the association's connection is closed")
@@ -208,15 +252,27 @@ class SendLane:
         size = 0
         written = False
         try:
-            for pdu in pdus:
-                pending.append(pdu)
-                size += len(pdu)
+            for part in parts:
+                if len(part) >= _BATCHED_WRITE:
+                    if pending:
+                        written = True
+                        send_all(sock, b"".join(pending), stall_seconds)
+                        pending, size = [], 0
+                    written = True
+                    send_all(sock, part, stall_seconds)
+                    continue
+                pending.append(part)
+                size += len(part)
                 if size >= _BATCHED_WRITE:
                     written = True
-                    sock.sendall(b"".join(pending))
+                    send_all(sock, b"".join(pending), stall_seconds)
                     pending, size = [], 0
             written = True
-            sock.sendall(b"".join(pending))
+            send_all(sock, b"".join(pending), stall_seconds)
+        except SendStalledError:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            raise
         except OSError as exc:
             if not written:
                 raise  # the source could not be read: nothing went out
@@ -251,8 +307,9 @@ class SendLane:
             for _context_id, control, pdv in pdv_items(body):
                 self._fragment(waiter, control, pdv[1:])
         except ProtocolError as exc:
+            # Not aborted here: the sender may be writing to the socket still. It gets the
+            # error and aborts the association once its write has ended.
             waiter.error = f"protocol error in the response: {exc}"
-            self._dul.event_queue.put("Evt19")  # pynetdicom's invalid-PDU event: A-ABORT
             waiter.done.set()
 
     def _fragment(self, waiter: _Waiter, control: int, fragment: memoryview) -> None:
@@ -293,6 +350,8 @@ def attach(assoc: Any) -> SendLane | None:
     not installed or a handler is bound to an event the lane bypasses."""
     if not _installed or any(assoc.get_handlers(event) for event in BYPASSED_EVENTS):
         return None
+    if isinstance(getattr(assoc.dul.socket, "socket", None), ssl.SSLSocket):
+        return None  # two threads must not read and write one TLS connection at once
     lane = SendLane(assoc)
     assoc.dul._gateway_send_lane = lane
     return lane
