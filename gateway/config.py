@@ -134,7 +134,7 @@ class StorageConfig(_Model):
     instances are durable in the spool meanwhile. 0: upload as soon as they arrive."""
     min_free_bytes: int = Field(default=512 * 1024 * 1024, ge=0)
     """Refuse new instances (0xA700) when the spool file system has less free space."""
-    spool_in_index_max_bytes: int = Field(default=128 * 1024, ge=0, le=16 * 1024 * 1024)
+    spool_in_index_max_bytes: int = Field(default=128 * 1024, ge=0, le=4 * 1024 * 1024)
     """Instances up to this size (the Part 10 object) are spooled inside the index: their
     bytes are committed in the same transaction as their index row, one flush of the
     database per instance instead of a file's, its directory's and the database's, and

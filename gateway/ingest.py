@@ -23,7 +23,7 @@ from io import BufferedReader
 from pathlib import Path
 
 from sqlalchemy import Connection, Engine
-from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, SQLAlchemyError
 
 from gateway.dicom.attributes import (
     INDEXED_TAGS,
@@ -129,13 +129,16 @@ class _KeptConnection:
         self._engine = engine
         self._kept: Connection | None = None
         self._used = 0.0
+        self._closed = False
         self._lock = threading.Lock()
 
     @contextlib.contextmanager
-    def connection(self) -> Iterator[Connection]:
+    def connection(self, *, fresh: bool = False) -> Iterator[Connection]:
+        """A connection for one batch: the kept one, or (*fresh*, or none kept, or kept
+        too long unused) a new one from the pool."""
         with self._lock:
             kept, self._kept = self._kept, None
-        if kept is not None and time.monotonic() - self._used > _KEEP_IDLE_SECONDS:
+        if kept is not None and (fresh or time.monotonic() - self._used > _KEEP_IDLE_SECONDS):
             _close_quietly(kept)
             kept = None
         connection = kept if kept is not None else self._engine.connect()
@@ -144,14 +147,16 @@ class _KeptConnection:
         except BaseException:
             _close_quietly(connection)
             raise
-        if connection.invalidated or connection.in_transaction():
-            _close_quietly(connection)
-            return
         with self._lock:
-            self._kept, self._used = connection, time.monotonic()
+            if not (self._closed or connection.invalidated or connection.in_transaction()):
+                self._kept, self._used = connection, time.monotonic()
+                return
+        _close_quietly(connection)
 
     def close(self) -> None:
+        """Give the kept connection back; from now on none is kept."""
         with self._lock:
+            self._closed = True
             kept, self._kept = self._kept, None
         if kept is not None:
             _close_quietly(kept)
@@ -347,6 +352,10 @@ class Ingestor:
         try:
             transaction.commit()
         except SQLAlchemyError as exc:
+            # Whatever state the failed COMMIT left the driver in (SQLite may still be
+            # in the transaction, holding the write lock), the connection is not kept.
+            with contextlib.suppress(SQLAlchemyError):
+                connection.invalidate()
             return [_uncertain(exc) for _ in records]
         return results
 
@@ -357,8 +366,9 @@ class Ingestor:
         """Record one instance in its own transaction. A concurrent association (another
         node on PostgreSQL) may insert the same new SOP instance between our check and
         our insert: the unique index stops it and the retry sees its row."""
+        fresh = False
         for attempt in range(3):
-            with self._connection.connection() as connection:
+            with self._connection.connection(fresh=fresh) as connection:
                 transaction = connection.begin()
                 try:
                     result = repository.record_instance(
@@ -368,6 +378,14 @@ class Ingestor:
                     transaction.rollback()
                     if attempt == 2:
                         raise
+                    continue
+                except DBAPIError as exc:
+                    transaction.rollback()
+                    if not exc.connection_invalidated or fresh:
+                        raise
+                    # The kept connection was lost since its last use (a database
+                    # restart): nothing was written on it. Once more, on a fresh one.
+                    fresh = True
                     continue
                 except BaseException:
                     transaction.rollback()

@@ -42,7 +42,8 @@ from gateway.status import StatusCategory, classify, describe
 from gateway.transfer import Mode, SendPlan, contexts_for, plan, syntax_name
 
 _COPY_CHUNK = 1024 * 1024
-_CONTENTS_READ_AHEAD = 32  # instances spooled in the index read in one query
+_CONTENTS_READ_AHEAD = 32  # instances spooled in the index read in one query ...
+_CONTENTS_READ_AHEAD_BYTES = 16 * 1024 * 1024  # ... and at most this many bytes of them
 # P-DATA PDUs waiting to be sent, in bytes: bounds the memory a streamed file takes.
 _SEND_WINDOW_BYTES = 4 * 1024 * 1024
 
@@ -137,7 +138,7 @@ class DestinationLink:
         self._assoc: Any = None
         self._lane: send_lane.SendLane | None = None
         self._context_ids: dict[tuple[str, str], int] = {}
-        self._upcoming: list[int] = []
+        self._upcoming: list[tuple[int, int]] = []
         self._contents: dict[int, bytes] = {}
 
     @property
@@ -229,7 +230,7 @@ class DestinationLink:
     def expect(self, jobs: list[ClaimedJob]) -> None:
         """The jobs about to be sent, in order: the bytes of those spooled in the index
         are then read a few dozen at a time instead of one query per instance."""
-        self._upcoming = [job.instance_pk for job in jobs
+        self._upcoming = [(job.instance_pk, job.size) for job in jobs
                           if job.spool_name is None and job.instance_state == SPOOLED]
         self._contents = {}
 
@@ -341,13 +342,8 @@ class DestinationLink:
 
     def _spooled_content(self, instance_pk: int) -> bytes | None:
         if instance_pk not in self._contents:
-            # This one and the next few expected (bounded: a batch may be thousands).
-            try:
-                start = self._upcoming.index(instance_pk)
-            except ValueError:
-                wanted = [instance_pk]
-            else:
-                wanted = self._upcoming[start:start + _CONTENTS_READ_AHEAD]
+            # This one and the next few expected (a batch may be thousands).
+            wanted = _read_ahead(self._upcoming, instance_pk)
             with reading(self.engine) as connection:
                 self._contents = repository.spooled_contents(connection, wanted)
         return self._contents.pop(instance_pk, None)
@@ -405,6 +401,22 @@ def _failure(exc: Exception) -> SendResult:
         return SendResult(None, StatusCategory.PERMANENT_FAILURE, detail)
     # Unreadable source, lost connection, I/O: worth another try.
     return SendResult(None, StatusCategory.TRANSIENT_FAILURE, f"send failed: {exc}")
+
+
+def _read_ahead(upcoming: list[tuple[int, int]], instance_pk: int) -> list[int]:
+    """*instance_pk* and those after it in *upcoming* ((primary key, size) in sending
+    order), at most :data:`_CONTENTS_READ_AHEAD` of them and as many bytes."""
+    start = next((index for index, (pk, _) in enumerate(upcoming) if pk == instance_pk), None)
+    if start is None:
+        return [instance_pk]
+    wanted: list[int] = []
+    held = 0
+    for pk, size in upcoming[start:start + _CONTENTS_READ_AHEAD]:
+        if wanted and held + size > _CONTENTS_READ_AHEAD_BYTES:
+            break
+        wanted.append(pk)
+        held += size
+    return wanted
 
 
 def _status_of(response: Dataset | None) -> tuple[int, str | None] | None:

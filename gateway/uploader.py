@@ -53,6 +53,24 @@ QUIET_SECONDS = 0.5
 """No instance stored for this long: arrivals have paused, uploads go ahead."""
 
 
+_PART_BYTES = 32 * 1024 * 1024
+"""Bytes spooled in the index read (and held in memory) at a time by an upload worker."""
+
+
+def _parts(rows: list[Any], limit: int) -> list[list[Any]]:
+    """*rows* in order, cut where the bytes spooled in the index would pass *limit*."""
+    parts: list[list[Any]] = [[]]
+    held = 0
+    for row in rows:
+        size = int(row.size) if row.spool_name is None else 0
+        if parts[-1] and held + size > limit:
+            parts.append([])
+            held = 0
+        parts[-1].append(row)
+        held += size
+    return parts
+
+
 def upload_hold(
     now: float, last_arrival: float | None, arrivals_since: float | None,
     yield_seconds: float, quiet_seconds: float = QUIET_SECONDS,
@@ -197,21 +215,16 @@ class Uploader:
 
     def _upload_batch(self, rows: list[Any]) -> None:
         try:
-            try:
-                contents = self._contents(rows)
-            except SQLAlchemyError as exc:  # the rows stay spooled and are claimed again
-                log.error("upload_queue_read_failed", error=describe_error(exc))
-                return
-            with contextlib.ExitStack() as held:
-                uploads = []
-                for row in rows:
-                    if self._stopping.is_set() or time.monotonic() < self._paused_until:
-                        break  # the rest stays spooled and is claimed again later
-                    path = self._source(row, contents.get(row.id), held)
-                    if path is not None:
-                        uploads.append((row, Upload(self._key(row), path, ExpectedContent(
-                            row.size, row.dataset_offset, row.sha256))))
-                uploaded = self._put(uploads)
+            uploaded: list[tuple[Any, str]] = []
+            for part in _parts(rows, _PART_BYTES):
+                if self._stopping.is_set() or time.monotonic() < self._paused_until:
+                    break  # the rest stays spooled and is claimed again later
+                try:
+                    contents = self._contents(part)
+                except SQLAlchemyError as exc:  # the rows stay spooled and are claimed again
+                    log.error("upload_queue_read_failed", error=describe_error(exc))
+                    break
+                uploaded += self._upload_part(part, contents)
             self._mark_stored(uploaded)
         except Exception as exc:  # noqa: BLE001 - the rows stay spooled and are retried
             log.error("upload_internal_error", **failure_fields(exc))
@@ -220,6 +233,18 @@ class Uploader:
                 self._in_flight.difference_update(row.id for row in rows)
                 self._batches -= 1
             self._wake.set()
+
+    def _upload_part(self, rows: list[Any], contents: dict[int, bytes]) -> list[tuple[Any, str]]:
+        with contextlib.ExitStack() as held:
+            uploads = []
+            for row in rows:
+                if self._stopping.is_set() or time.monotonic() < self._paused_until:
+                    break  # the rest stays spooled and is claimed again later
+                path = self._source(row, contents.get(row.id), held)
+                if path is not None:
+                    uploads.append((row, Upload(self._key(row), path, ExpectedContent(
+                        row.size, row.dataset_offset, row.sha256))))
+            return self._put(uploads)
 
     def _contents(self, rows: list[Any]) -> dict[int, bytes]:
         """The bytes of the rows spooled in the index, by primary key."""
@@ -288,9 +313,7 @@ class Uploader:
         try:
             with self.engine.begin() as connection:
                 marked = repository.mark_stored_many(
-                    connection,
-                    [(row.id, key, row.spool_name is None) for row, key in uploaded], now,
-                )
+                    connection, [(row.id, key) for row, key in uploaded], now)
             stored = [(row, key) for row, key in uploaded if row.id in marked]
         except SQLAlchemyError as exc:
             # The objects are stored; the rows stay spooled and the (idempotent) uploads

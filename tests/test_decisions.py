@@ -3,6 +3,9 @@ when uploads yield to receiving."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+from typing import Any
+
 import pytest
 from pynetdicom import AllStoragePresentationContexts
 from pynetdicom.presentation import build_context
@@ -17,8 +20,9 @@ from gateway.backoff import backoff_ceiling, retry_delay
 from gateway.config import CallingAEConfig, EventsConfig
 from gateway.dicom.transfer_syntax import ACCEPTED_TRANSFER_SYNTAXES
 from gateway.receiver import negotiable_contexts
+from gateway.scu import _read_ahead
 from gateway.status import Status, StatusCategory, classify, describe
-from gateway.uploader import upload_hold
+from gateway.uploader import _parts, upload_hold
 
 POLICY = AcceptancePolicy.build(
     "GATEWAY",
@@ -205,3 +209,37 @@ def test_uploads_yield_to_arrivals_until_they_pause_or_for_at_most_the_limit(
     yield_seconds: float, hold: float,
 ) -> None:
     assert upload_hold(now, last_arrival, arrivals_since, yield_seconds) == pytest.approx(hold)
+
+
+def _row(size: int, in_index: bool = True) -> SimpleNamespace:
+    return SimpleNamespace(size=size, spool_name=None if in_index else "file.dcm")
+
+
+@pytest.mark.parametrize(("sizes", "limit", "expected"), [
+    ([], 100, [[]]),
+    ([40, 40, 40], 100, [[40, 40], [40]]),
+    ([100, 1, 100], 100, [[100], [1], [100]]),
+    ([300], 100, [[300]]),  # one larger than the limit still goes, alone
+    ([60, (500, False), 30], 100, [[60, 500, 30]]),  # spool files are not held in memory
+])
+def test_an_upload_batch_holds_at_most_the_limit_of_bytes_spooled_in_the_index(
+    sizes: list[Any], limit: int, expected: list[list[int]]
+) -> None:
+    rows = [_row(*size) if isinstance(size, tuple) else _row(size) for size in sizes]
+    assert [[row.size for row in part] for part in _parts(rows, limit)] == expected
+
+
+MIB = 1024 * 1024
+
+
+@pytest.mark.parametrize(("upcoming", "pk", "expected"), [
+    ([(1, 10), (2, 10), (3, 10)], 2, [2, 3]),
+    ([(1, 10)], 9, [9]),  # not expected: read alone
+    ([(n, 10) for n in range(100)], 0, list(range(32))),  # at most 32 ...
+    ([(1, 10 * MIB), (2, 10 * MIB), (3, 1)], 1, [1]),  # ... and at most 16 MiB
+    ([(1, 20 * MIB), (2, 1)], 1, [1]),  # one larger than that still goes, alone
+])
+def test_the_forwarder_reads_ahead_a_bounded_number_of_instances(
+    upcoming: list[tuple[int, int]], pk: int, expected: list[int]
+) -> None:
+    assert _read_ahead(upcoming, pk) == expected

@@ -3,7 +3,9 @@ and each still gets its own, truthful answer (on SQLite and PostgreSQL)."""
 
 from __future__ import annotations
 
+import sqlite3
 import threading
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,7 @@ from sqlalchemy import event, text
 from sqlalchemy.exc import DataError, OperationalError
 
 from gateway.index import repository
+from gateway.index.database import _QueuedSqliteConnection
 from gateway.node import Node
 from gateway.status import Status
 from tests.helpers.data import make_study
@@ -216,3 +219,51 @@ def test_commits_run_on_one_kept_connection_given_back_after_a_failure(
     monkeypatch.setattr(repository, "record_instance", record)
     assert send_files(node.receiver.port, files[4:]).statuses[0][1] == 0
     assert len(connects) == 2
+
+
+def test_a_batch_whose_commit_fails_gives_back_its_connection_and_the_write_lock(
+    node: Node, tmp_path: Path, held_first_commit: threading.Event,
+    monkeypatch: pytest.MonkeyPatch, database_url: str,
+) -> None:
+    # A COMMIT refused by SQLite (busy, disk full) leaves the driver in the transaction,
+    # holding the database's write lock: the connection must not be kept for the next
+    # batch, or every other writer would wait on that lock.
+    if not database_url.startswith("sqlite"):
+        pytest.skip("the SQLite driver's failed COMMIT")
+    original = _QueuedSqliteConnection.commit
+    armed = threading.Event()
+    armed.set()
+
+    def refused(self: _QueuedSqliteConnection) -> None:
+        if armed.is_set() and any(frame.name == "_commit_together"
+                                  for frame in traceback.extract_stack()):
+            armed.clear()
+            raise sqlite3.OperationalError("database or disk is full")
+        original(self)
+
+    monkeypatch.setattr(_QueuedSqliteConnection, "commit", refused)
+    studies = [make_study(tmp_path / f"s{index}", 1) for index in range(SENDERS)]
+    reports = _send_at_once(node, studies, held_first_commit)
+    statuses = [status for report in reports for _, status in report.statuses]
+    assert statuses == [Status.SUCCESS] + [Status.OUT_OF_RESOURCES] * (SENDERS - 1)
+    assert not armed.is_set()
+    # Other writers are not locked out, and the next instance is stored.
+    with node.engine.begin() as connection:
+        connection.execute(text("UPDATE study SET study_id = study_id"))
+    assert send_files(node.receiver.port, studies[1]).statuses[0][1] == Status.SUCCESS
+
+
+def test_a_kept_connection_lost_to_a_database_restart_is_replaced_unnoticed(
+    node: Node, tmp_path: Path, database_url: str, postgres_admin: Any,
+) -> None:
+    if not database_url.startswith("postgresql"):
+        pytest.skip("a PostgreSQL server ending a session")
+    files = make_study(tmp_path / "study", 2)
+    assert send_files(node.receiver.port, files[:1]).statuses[0][1] == Status.SUCCESS
+    kept = node.ingestor._connection._kept
+    assert kept is not None
+    pid = kept.connection.dbapi_connection.info.backend_pid
+    with postgres_admin.connect() as admin:
+        admin.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+    assert send_files(node.receiver.port, files[1:]).statuses[0][1] == Status.SUCCESS
+    assert _count(node, "SELECT count(*) FROM instance") == 2

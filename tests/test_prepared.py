@@ -105,6 +105,15 @@ def test_driver_errors_are_sqlalchemys_and_hide_the_values(engine: Engine) -> No
     assert "PATIENT^SECRET" not in describe_error(raised.value)
 
 
+def test_a_value_that_cannot_be_bound_is_a_statement_error_without_the_value(
+    engine: Engine
+) -> None:
+    prepared = Prepared(scratch.insert(), engine.dialect, ("name", "at"))
+    with pytest.raises(exc.StatementError) as raised, engine.begin() as connection:
+        prepared.execute(connection, {"name": "x", "at": "PATIENT^SECRET 2026-12-05"})
+    assert "PATIENT^SECRET" not in str(raised.value)
+
+
 def test_a_parameter_neither_given_nor_literal_is_refused_when_prepared(engine: Engine) -> None:
     statement = select(scratch.c.id).where(scratch.c.name == bindparam("wanted"))
     with pytest.raises(ValueError, match="wanted"):

@@ -132,3 +132,28 @@ def test_sessions_of_dead_association_threads_are_closed(node: Node) -> None:
     wait_until(
         lambda: _count(node, "SELECT count(*) FROM association WHERE outcome = 'aborted'") == 1, 5
     )
+
+
+def test_a_resend_to_another_node_leaves_the_spooled_instance_to_its_node(
+    tmp_path: Path, database_url: str
+) -> None:
+    # Two nodes on one index: the instance waits in node A's spool (its store is down);
+    # the same bytes sent to node B are a duplicate there. B does not find A's file in
+    # its own spool, and must not take A's row over as if the file were lost.
+    objects = tmp_path / "objects"
+    objects.write_text("store unavailable")
+    files = make_study(tmp_path / "study", 1)
+    storage = {**FILE_SPOOL, "object_store": f"file://{objects}"}
+    node_a = make_config(tmp_path / "a", database_url, storage=storage)
+    node_b = make_config(tmp_path / "b", database_url, storage=storage)
+    with running_node(node_a) as a, running_node(node_b) as b:
+        assert send_files(a.receiver.port, files).statuses[0][1] == 0
+        assert send_files(b.receiver.port, files).statuses[0][1] == 0
+        with a.engine.connect() as connection:
+            row = connection.execute(text(
+                "SELECT received_by, spool_name FROM instance")).one()
+        assert row.received_by == a.name
+        assert (a.spool.ready / row.spool_name).exists()
+        assert list(b.spool.ready.iterdir()) == []
+        objects.unlink()
+        wait_uploaded(a.engine, 1)

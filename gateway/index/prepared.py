@@ -81,10 +81,19 @@ class Prepared:
         return {name: processors[name](values[name]) if name in processors else values[name]
                 for name in self._names}
 
+    def _bound(self, values: Mapping[str, Any]) -> Sequence[Any] | dict[str, Any]:
+        """:meth:`parameters`, a value that cannot be converted raised as SQLAlchemy's
+        ``StatementError`` (as ``Connection.execute`` raises it), without the value."""
+        try:
+            return self.parameters(values)
+        except Exception as error:
+            raise exc.StatementError(f"a value cannot be bound ({type(error).__name__})",
+                                     self.sql, None, error) from error
+
     def execute(self, connection: Connection, values: Mapping[str, Any]) -> Any:
         """Run the statement with *values*; its first row (a named tuple) or None."""
         cursor = _cursor(connection)
-        parameters = self.parameters(values)
+        parameters = self._bound(values)
         self._run(connection, cursor, lambda: cursor.execute(self.sql, parameters), parameters)
         if self._row is None:
             return None
@@ -99,7 +108,7 @@ class Prepared:
     def execute_many(self, connection: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
         """Run the statement once per mapping of *rows* (no rows returned)."""
         cursor = _cursor(connection)
-        parameters = [self.parameters(values) for values in rows]
+        parameters = [self._bound(values) for values in rows]
         self._run(connection, cursor, lambda: cursor.executemany(self.sql, parameters),
                   parameters)
 

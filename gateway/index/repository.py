@@ -198,7 +198,8 @@ def _build_upsert_series(insert: Any) -> Any:
 def _build_find_current() -> Any:
     c = instance_table.c
     return (
-        select(c.id, c.sha256, c.version, c.transfer_syntax_uid, c.state, c.spool_name)
+        select(c.id, c.sha256, c.version, c.transfer_syntax_uid, c.state, c.spool_name,
+               c.received_by)
         .where(c.sop_instance_uid == bindparam("uid"), current_instance())
         .with_for_update()
     )
@@ -331,10 +332,12 @@ def record_instance(
         and current.transfer_syntax_uid == record.transfer_syntax_uid
     ):
         if (current.state == SPOOLED and current.spool_name is not None
+                and current.received_by == record.received_by
                 and not spool_file_exists(current.spool_name)):
             # The row was committed but its file is gone (a commit whose outcome was
             # unknown to us, so we answered 0xA700 and dropped the file): adopt this copy.
-            # (Content spooled in the index cannot go missing: it commits with its row.)
+            # (Content spooled in the index cannot go missing: it commits with its row.
+            # Another node's spool file is in its own spool, not missing from ours.)
             _adopt(connection, current.id, record)
             return RecordResult(
                 RecordOutcome.DUPLICATE, current.id, current.version, spool_file_adopted=True
@@ -573,37 +576,16 @@ _MARK_STORED = (
 )
 
 
-_DELETE_CONTENT = spooled_content_table.delete().where(
-    spooled_content_table.c.instance_pk == bindparam("w_id")
-)
-
-
-def mark_stored(
-    connection: Connection, instance_pk: int, object_key: str, now: dt.datetime,
-    *, in_index: bool = False,
-) -> bool:
-    """Record a spooled instance as stored under *object_key*; with *in_index*, its bytes
-    were spooled in the index and are deleted there. False when it was not spooled."""
-    result = connection.execute(
-        _MARK_STORED, {"w_id": instance_pk, "v_key": object_key, "v_now": now}
-    )
-    if not result.rowcount:
-        return False
-    if in_index:
-        connection.execute(_DELETE_CONTENT, {"w_id": instance_pk})
-    return True
-
-
 def mark_stored_many(
-    connection: Connection, stored: Sequence[tuple[int, str, bool]], now: dt.datetime
+    connection: Connection, stored: Sequence[tuple[int, str]], now: dt.datetime
 ) -> set[int]:
-    """Record spooled instances as stored: (primary key, object key, spooled in the
-    index) each. The bytes spooled in the index are deleted. Returns the primary keys of
-    those that were still spooled (the others are left as they are)."""
+    """Record spooled instances as stored: (primary key, object key) each. Their bytes
+    spooled in the index, if any, are deleted. Returns the primary keys of those that
+    were still spooled (the others are left as they are)."""
     if not stored:
         return set()
     c = instance_table.c
-    wanted = [pk for pk, _, _ in stored]
+    wanted = [pk for pk, _ in stored]
     query = select(c.id).where(c.id.in_(wanted), c.state == SPOOLED)
     if connection.dialect.name == "postgresql":
         query = query.with_for_update()
@@ -611,12 +593,12 @@ def mark_stored_many(
     if not spooled:
         return spooled
     connection.execute(_MARK_STORED, [
-        {"w_id": pk, "v_key": key, "v_now": now} for pk, key, _ in stored if pk in spooled
+        {"w_id": pk, "v_key": key, "v_now": now} for pk, key in stored if pk in spooled
     ])
-    in_index = [pk for pk, _, in_index in stored if in_index and pk in spooled]
-    if in_index:
-        cc = spooled_content_table.c
-        connection.execute(spooled_content_table.delete().where(cc.instance_pk.in_(in_index)))
+    # Every one of them, not only those spooled in the index when the upload was claimed:
+    # a row whose spool file went missing may have adopted a copy in the index meanwhile.
+    cc = spooled_content_table.c
+    connection.execute(spooled_content_table.delete().where(cc.instance_pk.in_(spooled)))
     return spooled
 
 

@@ -25,8 +25,17 @@ def _fsync_path(path: Path, *, directory: bool = False) -> None:
         os.close(fd)
 
 
-def _libc_syncfs() -> Callable[[int], None] | None:
-    """``syncfs(2)``: everything written to one file system made durable, one flush."""
+# File systems whose syncfs writes back every file's data and metadata and reports a
+# write-back error (with Linux 5.8 and later); on others (network, FUSE, ...) each file
+# and directory is fsynced.
+_SYNCFS_FILE_SYSTEMS = frozenset({"ext4", "ext3", "xfs", "btrfs", "f2fs"})
+
+
+def _libc_syncfs(root: Path) -> Callable[[int], None] | None:
+    """``syncfs(2)`` for the file system of *root*, where it is known to make everything
+    written durable and to report a failed write-back; None elsewhere."""
+    if _kernel_version() < (5, 8) or _file_system_type(root) not in _SYNCFS_FILE_SYSTEMS:
+        return None
     try:
         function = ctypes.CDLL(None, use_errno=True).syncfs
     except (OSError, AttributeError):
@@ -40,15 +49,45 @@ def _libc_syncfs() -> Callable[[int], None] | None:
     return syncfs
 
 
+def _kernel_version() -> tuple[int, int]:
+    """Linux before 5.8 returns 0 from syncfs even when a write-back failed."""
+    try:
+        major, minor = os.uname().release.split(".")[:2]
+        return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+    except (ValueError, AttributeError):
+        return (0, 0)
+
+
+def _file_system_type(path: Path) -> str:
+    """The type of the mounted file system holding *path* (``/proc/self/mountinfo``)."""
+    best, kind = "", ""
+    target = str(path)
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return ""
+    for line in lines:
+        left, _, right = line.partition(" - ")
+        fields, after = left.split(), right.split()
+        if len(fields) < 5 or not after:
+            continue
+        mount = fields[4].replace("\\040", " ")
+        inside = target == mount or target.startswith(mount.rstrip("/") + "/")
+        if inside and len(mount) >= len(best):
+            best, kind = mount, after[0]
+    return kind
+
+
 class FileObjectStore:
     """Objects are files under a root directory, written durably.
 
     Objects are placed (written to a staging name, renamed to their key) and then made
     durable together: one ``syncfs`` of the store's file system covers every file and
     directory entry of a batch, where an ``fsync`` of each file and of each directory
-    would cost a disk flush apiece. When the source is on the same file system, placing
-    is a hard link: atomic and zero-copy. Either way the stored object is read back and
-    checked against the index.
+    would cost a disk flush apiece (on file systems and kernels where syncfs is not
+    known to do that, each is fsynced). When the source is on the same file system,
+    placing is a hard link: atomic and zero-copy. Either way the stored object is read
+    back and checked against the index.
     """
 
     def __init__(self, root: Path, *, syncfs: Callable[[int], None] | None = None) -> None:
@@ -56,10 +95,8 @@ class FileObjectStore:
         self._root_prefix = str(self.root).rstrip("/") + "/"
         self.description = f"file://{self.root}"
         self._tmp = self.root / ".tmp"
-        self._syncfs = syncfs or _libc_syncfs()
-        # Held for the store's life: syncfs reports a write-back error to a descriptor
-        # only if it happened after the descriptor was opened.
-        self._root_fd: int | None = None
+        self._syncfs = syncfs
+        self._syncfs_chosen = syncfs is not None
 
     def _path(self, key: str) -> Path:
         # Lexical: keys are made by the gateway and nothing links out of the store, so
@@ -87,6 +124,20 @@ class FileObjectStore:
     def put_files(self, uploads: Sequence[Upload]) -> list[ObjectStoreError | None]:
         """Store each upload's file under its key, all made durable by one flush, then
         verify each; an upload's error, or None once it is stored and verified."""
+        # Opened before anything is written: syncfs reports a failed write-back to the
+        # descriptors opened before the failure, so this batch's failures reach it.
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            root_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc:
+            failure = ObjectStoreError(f"{self.description} is not usable: {exc.strerror}")
+            return [failure] * len(uploads)
+        try:
+            return self._put_all(uploads, root_fd)
+        finally:
+            os.close(root_fd)
+
+    def _put_all(self, uploads: Sequence[Upload], root_fd: int) -> list[ObjectStoreError | None]:
         outcomes: list[ObjectStoreError | None] = []
         placed: list[int] = []
         for index, upload in enumerate(uploads):
@@ -99,7 +150,7 @@ class FileObjectStore:
             placed.append(index)
         if placed:
             try:
-                self._make_durable([self._path(uploads[i].key) for i in placed])
+                self._make_durable([self._path(uploads[i].key) for i in placed], root_fd)
             except OSError as exc:
                 failure = ObjectStoreError(f"cannot make objects durable: {exc.strerror or exc}")
                 for index in placed:
@@ -126,13 +177,19 @@ class FileObjectStore:
                 staged.unlink()
             raise ObjectStoreError(f"cannot write {key}: {exc.strerror or exc}") from exc
 
-    def _make_durable(self, targets: list[Path]) -> None:
+    def _make_durable(self, targets: list[Path], root_fd: int) -> None:
         """The placed files' bytes and names on stable storage."""
+        if not self._syncfs_chosen:
+            self._syncfs, self._syncfs_chosen = _libc_syncfs(self.root), True
         if self._syncfs is not None:
-            if self._root_fd is None:
-                self._root_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            self._syncfs(self._root_fd)
-            return
+            try:
+                self._syncfs(root_fd)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOSYS, errno.EPERM, errno.EOPNOTSUPP):
+                    raise
+                self._syncfs = None  # not allowed here (a seccomp filter): fsync instead
+            else:
+                return
         directories = {target.parent for target in targets}
         for target in targets:
             _fsync_path(target)
@@ -157,11 +214,6 @@ class FileObjectStore:
             with source.open("rb") as reader, staged.open("wb") as writer:
                 while chunk := reader.read(_CHUNK):
                     writer.write(chunk)
-
-    def __del__(self) -> None:
-        if self._root_fd is not None:
-            with contextlib.suppress(OSError):
-                os.close(self._root_fd)
 
     def open(self, key: str) -> BinaryIO:
         try:
