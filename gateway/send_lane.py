@@ -63,6 +63,8 @@ _NO_DATA_SET = 0x0101
 _PRIORITY_LOW = 0x0002  # what pynetdicom's send_c_store sends by default
 _ALIVE_CHECK = 0.1  # seconds between looks at the association while waiting
 _BATCHED_WRITE = 256 * 1024  # PDUs of a message up to this size go out in one write
+_READ_SIZE = 256 * 1024  # bytes of the data set read at a time
+_GATHER_PARTS = 64  # buffers given to one sendmsg (well under the system's IOV_MAX)
 MAX_FRAGMENT = 1024 * 1024
 """The largest data fragment sent when the peer's maximum PDU length allows more."""
 
@@ -132,28 +134,34 @@ def _text(value: bytes | None, strip: str = " ") -> str | None:
 
 
 def request_pdus(context_id: int, command: bytes, stream: BinaryIO, length: int,
-                 max_pdu_length: int) -> Iterator[bytes]:
+                 max_pdu_length: int) -> Iterator[bytes | memoryview]:
     """The bytes of the P-DATA-TF PDUs of a C-STORE-RQ, in parts to be written one after
     the other: the command set in one PDU, then the data set (the next *length* bytes of
     *stream*) in fragments of at most ``max_pdu_length - 6`` bytes as pynetdicom cuts
     them, each PDU's header and its fragment as two parts; the last fragment flagged.
-    Fragments are at most :data:`MAX_FRAGMENT` bytes when the peer sets no smaller limit
-    (0: none), so that a large data set is never read into memory whole. A stream that
-    ends early raises ``OSError``."""
+    The stream is read :data:`_READ_SIZE` bytes at a time and the fragments are views of
+    what was read (no copy). Fragments are at most :data:`MAX_FRAGMENT` bytes when the
+    peer sets no smaller limit (0: none), so that a large data set is never read into
+    memory whole. A stream that ends early raises ``OSError``."""
     yield p_data_tf(context_id, _COMMAND | _LAST, command)
     if max_pdu_length == 0 or max_pdu_length - 6 > MAX_FRAGMENT:
         size = min(length, MAX_FRAGMENT) or 1
     else:
         size = max_pdu_length - 6
     count = max(1, -(-length // size))
-    for index in range(count):
-        last = index == count - 1
-        wanted = length - index * size if last else size
-        fragment = stream.read(wanted)
-        if len(fragment) != wanted:
+    per_read = max(1, _READ_SIZE // size)
+    for first in range(0, count, per_read):
+        fragments = range(first, min(count, first + per_read))
+        start, end = first * size, min(length, (fragments[-1] + 1) * size)
+        chunk = stream.read(end - start)
+        if len(chunk) != end - start:
             raise OSError(f"the stored data set ends before its {length} bytes")
-        yield _pdv_header(context_id, _LAST if last else 0x00, wanted)
-        yield fragment
+        view = memoryview(chunk)
+        for index in fragments:
+            fragment = view[index * size - start:min(length, (index + 1) * size) - start]
+            last = index == count - 1
+            yield _pdv_header(context_id, _LAST if last else 0x00, len(fragment))
+            yield fragment
 
 
 def _pdv_header(context_id: int, control: int, length: int) -> bytes:
@@ -161,18 +169,27 @@ def _pdv_header(context_id: int, control: int, length: int) -> bytes:
     return struct.pack(">BBLLBB", 0x04, 0, length + 6, length + 2, context_id, control)
 
 
-def send_all(sock: socket.socket, data: bytes, stall_seconds: float) -> None:
-    """Write *data*, waiting at most *stall_seconds* at a time for the peer to take more:
-    a destination that stops reading fails the send instead of holding the thread."""
-    view = memoryview(data)
-    while view:
+def send_all(sock: socket.socket, parts: list[bytes | memoryview], stall_seconds: float) -> None:
+    """Write *parts* one after the other (gathered into one system call where they fit),
+    waiting at most *stall_seconds* at a time for the peer to take more: a destination
+    that stops reading fails the send instead of holding the thread."""
+    views = [memoryview(part) for part in parts if len(part)]
+    while views:
         try:
-            view = view[sock.send(view, socket.MSG_DONTWAIT):]
+            sent = sock.sendmsg(views[:_GATHER_PARTS], [], socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):
             _, writable, _ = select.select([], [sock], [], stall_seconds)
             if not writable:
                 raise SendStalledError(
                     f"the destination took no data for {stall_seconds:g} s") from None
+            continue
+        done = 0
+        while done < len(views) and sent >= len(views[done]):
+            sent -= len(views[done])
+            done += 1
+        del views[:done]
+        if sent:
+            views[0] = views[0][sent:]
 
 
 class _Waiter:
@@ -239,8 +256,8 @@ class SendLane:
                 with self._lock:
                     self._waiter = None
 
-    def _write(self, parts: Iterator[bytes], stall_seconds: float) -> None:
-        """Write the PDUs' parts, joined up to :data:`_BATCHED_WRITE` bytes (one system
+    def _write(self, parts: Iterator[bytes | memoryview], stall_seconds: float) -> None:
+        """Write the PDUs' parts, gathered up to :data:`_BATCHED_WRITE` bytes (one system
         call for a small instance). A source that cannot be read is an ``OSError``
         before the first write; after it, the association is unusable, like after any
         other failure. A destination that stops reading is shut out, so that the abort
@@ -248,27 +265,19 @@ class SendLane:
         sock = self._dul.socket.socket
         if sock is None:
             raise SendLaneError("the association's connection is closed")
-        pending: list[bytes] = []
+        pending: list[bytes | memoryview] = []
         size = 0
         written = False
         try:
             for part in parts:
-                if len(part) >= _BATCHED_WRITE:
-                    if pending:
-                        written = True
-                        send_all(sock, b"".join(pending), stall_seconds)
-                        pending, size = [], 0
-                    written = True
-                    send_all(sock, part, stall_seconds)
-                    continue
                 pending.append(part)
                 size += len(part)
-                if size >= _BATCHED_WRITE:
+                if size >= _BATCHED_WRITE or len(pending) >= _GATHER_PARTS:
                     written = True
-                    send_all(sock, b"".join(pending), stall_seconds)
+                    send_all(sock, pending, stall_seconds)
                     pending, size = [], 0
             written = True
-            send_all(sock, b"".join(pending), stall_seconds)
+            send_all(sock, pending, stall_seconds)
         except SendStalledError:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
