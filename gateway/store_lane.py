@@ -42,6 +42,8 @@ import contextlib
 import errno
 import itertools
 import os
+import select
+import ssl
 import struct
 import threading
 from collections.abc import Callable, Iterator
@@ -83,6 +85,7 @@ _LAST = 0x02
 _C_STORE_RQ = 0x0001
 _NO_DATA_SET = 0x0101
 _SERVED_WAIT = 0.05  # seconds the lane waits for pynetdicom to finish a message
+_FOLLOWING_PDUS = 64  # PDUs of one message read without returning to the reactor
 _ESTABLISH_WAIT = 10.0  # ... and for it to finish accepting the association
 _HANDLER_FAILED = 0xC211  # what pynetdicom answers when the C-STORE handler raises
 BYPASSED_EVENTS = (
@@ -302,6 +305,10 @@ class StoreLane:
             structlog.contextvars.bind_contextvars(**self.log_context)
             self._bound = True
 
+    def holds_message(self) -> bool:
+        """Whether a message the lane took is still being received."""
+        return self._message is not None
+
     def close(self) -> None:
         """Remove the file of a message that did not complete (the association ended)."""
         message, self._message = self._message, None
@@ -476,7 +483,14 @@ def _respond(dul: Any, message: _Message, status: int, comment: str | None) -> N
     dimse = dul.assoc.dimse
     if fits(dimse, encoded):
         if dul.to_provider_queue.empty():
-            dul.socket.send(p_data_tf(message.context_id, _COMMAND | _LAST, encoded))
+            # Straight to the socket (the lane is used only while no handler watches
+            # the data sent, which pynetdicom's send would report); a failure is
+            # pynetdicom's: the connection closed (Evt17).
+            try:
+                dul.socket.socket.sendall(
+                    p_data_tf(message.context_id, _COMMAND | _LAST, encoded))
+            except OSError:
+                dul.event_queue.put("Evt17")
             return
         # pynetdicom has something queued to send (the response to a message it served
         # just before): ours goes after it, as it would from its association thread.
@@ -565,14 +579,25 @@ def install() -> bool:
 
 def _read_pdu(dul: Any, lane: StoreLane) -> None:
     """pynetdicom's ``_read_pdu_data`` (same reads, same events on failure), with
-    P-DATA-TF PDUs given to *lane* when it takes them."""
+    P-DATA-TF PDUs given to *lane* when it takes them.
+
+    While the lane holds an unfinished message whose next PDU has already arrived, that
+    PDU is read at once, without a turn of pynetdicom's reactor loop in between (a
+    small instance comes as a command PDU and a data PDU), for a bounded number of PDUs
+    and only while nothing else waits for the reactor."""
     lane.bind_log_context()
-    received = receive_pdu(dul)
-    if received is None:
-        return
-    pdu_type, header, body = received
-    if pdu_type == _P_DATA_TF and lane.takes(dul):
+    for _ in range(_FOLLOWING_PDUS):
+        received = receive_pdu(dul)
+        if received is None:
+            return
+        pdu_type, header, body = received
+        if not (pdu_type == _P_DATA_TF and lane.takes(dul)):
+            break
         lane.receive(dul, body)
+        if not (lane.holds_message() and _next_pdu_waiting(dul)):
+            return
+        dul._idle_timer.restart()  # as the reactor loop does after each PDU
+    else:
         return
     try:
         pdu, event = dul._decode_pdu(bytearray(header) + body)
@@ -582,6 +607,23 @@ def _read_pdu(dul: Any, lane: StoreLane) -> None:
         return
     dul.event_queue.put(event)
     dul._recv_pdu.put(pdu)
+
+
+def _next_pdu_waiting(dul: Any) -> bool:
+    """Whether the association's next PDU can be read now and the reactor has nothing
+    else to do (no kill request, nothing queued to send, no event to process)."""
+    if dul._kill_thread or not dul.to_provider_queue.empty() or not dul.event_queue.empty():
+        return False
+    raw = getattr(dul.socket, "socket", None)
+    if raw is None:
+        return False
+    if isinstance(raw, ssl.SSLSocket) and raw.pending():
+        return True
+    try:
+        readable, _, _ = select.select([raw], [], [], 0)
+    except (OSError, ValueError):
+        return False
+    return bool(readable)
 
 
 def receive_pdu(dul: Any) -> tuple[int, bytes, bytearray] | None:
