@@ -29,10 +29,13 @@ C-STORE response that the sender is waiting for (logging "Received unexpected C-
 service message"); the sender then waits out the DIMSE timeout. A response taken that
 way is put back on the queue for the sender.
 
-An idle wait lasts up to 10 ms instead of 1 ms: what does not end it early (a release
-or abort request reaching the acceptor, ARTIM and idle timers, kill flags) is seen
-within 10 ms, which costs an association nothing measurable, while many open
-associations no longer wake the interpreter a thousand times a second each. The patch
+Whatever either loop has to act on ends its wait: data on the socket, a primitive
+queued for sending and a request to stop end the DUL thread's; a decoded message, a
+pause request, a primitive from the DUL (a release or abort indication) and a request
+to stop end the association thread's. Only timers (ARTIM, the idle timeout) are left
+to be noticed when a wait runs out, so a wait lasts up to 100 ms instead of 1 ms: many
+open associations no longer wake the interpreter a thousand times a second each. The
+patch
 is applied only to the pynetdicom version it was written and tested against
 (``SUPPORTED_VERSIONS``); with any other version the stock loops run unchanged.
 """
@@ -40,6 +43,7 @@ is applied only to the pynetdicom version it was written and tested against
 from __future__ import annotations
 
 import contextlib
+import queue
 import select
 import socket
 import ssl
@@ -58,7 +62,7 @@ log = get_logger(__name__)
 
 SUPPORTED_VERSIONS = frozenset({"3.0.4"})
 _REACTOR_LOOP_DELAY = 0.001  # the fixed sleep in Association._run_reactor
-IDLE_WAIT = 0.01  # the longest an idle reactor loop waits before looking around
+IDLE_WAIT = 0.1  # the longest an idle reactor loop waits before looking around
 
 _installed = False
 _install_lock = threading.Lock()
@@ -128,8 +132,36 @@ def _association_idle_wait(assoc: Any, delay: float) -> None:
         return
     # The condition shares the queue's (non-reentrant) mutex: look at the deque itself.
     with not_empty:
-        if not messages.queue and (checkpoint is None or checkpoint.is_set()):
+        if (not messages.queue and (checkpoint is None or checkpoint.is_set())
+                and not getattr(assoc, "_kill", False) and not _primitive_waiting(assoc)):
             not_empty.wait(delay)
+
+
+def _primitive_waiting(assoc: Any) -> bool:
+    to_user = getattr(getattr(assoc, "dul", None), "to_user_queue", None)
+    return bool(to_user is not None and to_user.qsize())
+
+
+def _wake_association(assoc: Any) -> None:
+    """End the association thread's idle wait."""
+    not_empty = getattr(getattr(getattr(assoc, "dimse", None), "msg_queue", None),
+                        "not_empty", None)
+    if not_empty is not None:
+        with not_empty:
+            not_empty.notify_all()
+
+
+class _ToUser(queue.Queue[Any]):
+    """The DUL's queue of primitives for the association thread (release and abort
+    indications): putting one wakes that thread."""
+
+    def __init__(self, assoc: Any) -> None:
+        super().__init__()
+        self._assoc = assoc
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        super().put(item, block, timeout)
+        _wake_association(self._assoc)
 
 
 class _Checkpoint(threading.Event):
@@ -143,11 +175,7 @@ class _Checkpoint(threading.Event):
 
     def clear(self) -> None:
         super().clear()
-        not_empty = getattr(getattr(getattr(self._assoc, "dimse", None), "msg_queue", None),
-                            "not_empty", None)
-        if not_empty is not None:
-            with not_empty:
-                not_empty.notify_all()
+        _wake_association(self._assoc)
 
 
 class _TimeForDul:
@@ -192,59 +220,92 @@ def install() -> bool:
             log.warning("dimse_reactor_stock", pynetdicom_version=version,
                         reason="event-driven waits not tested with this version")
             return False
-        provider = _dul.DULServiceProvider
-        original_run = provider.run_reactor
-        original_send = provider.send_pdu
-
-        def run_reactor(self: Any) -> None:
-            self._gateway_waker = _Waker()
-            try:
-                original_run(self)
-            finally:
-                waker, self._gateway_waker = self._gateway_waker, None
-                waker.close()
-
-        def send_pdu(self: Any, primitive: Any) -> None:
-            original_send(self, primitive)
-            waker = getattr(self, "_gateway_waker", None)
-            if waker is not None:
-                waker.wake()
-
-        original_create_socket = _transport.AssociationSocket._create_socket
-        original_get_request = _transport.AssociationServer.get_request
-
-        def create_socket(self: Any, address: Any) -> socket.socket:
-            sock: socket.socket = original_create_socket(self, address)
-            _no_delay(sock)
-            return sock
-
-        def get_request(self: Any) -> tuple[socket.socket, tuple[str, int]]:
-            sock, address = original_get_request(self)
-            _no_delay(sock)
-            return sock, address
-
-        original_init = _association.Association.__init__
-
-        def init(self: Any, *args: Any, **kwargs: Any) -> None:
-            original_init(self, *args, **kwargs)
-            self._reactor_checkpoint = _Checkpoint(self)
-
-        original_serve = _association.Association._serve_request
-
-        def serve_request(self: Any, msg: Any, context_id: int) -> None:
-            if (self.is_requestor and msg is not None and not msg.is_valid_request
-                    and msg.is_valid_response):
-                self.dimse.msg_queue.put((context_id, msg))
-                return
-            original_serve(self, msg, context_id)
-
-        _association.Association.__init__ = init
-        _association.Association._serve_request = serve_request
-        provider.run_reactor = run_reactor
-        provider.send_pdu = send_pdu
-        _transport.AssociationSocket._create_socket = create_socket
-        _transport.AssociationServer.get_request = get_request
+        _patch_dul()
+        _patch_association()
+        _patch_sockets()
         _dul.time = _TimeForDul()
         _association.time = _TimeForAssociation()
         _installed = True
         return True
+
+
+def _patch_dul() -> None:
+    """A waker per DUL thread, woken by a primitive to send and by a request to stop."""
+    provider = _dul.DULServiceProvider
+    original_run = provider.run_reactor
+    original_send = provider.send_pdu
+    original_kill_dul = provider.kill_dul
+
+    def run_reactor(self: Any) -> None:
+        self._gateway_waker = _Waker()
+        try:
+            original_run(self)
+        finally:
+            waker, self._gateway_waker = self._gateway_waker, None
+            waker.close()
+
+    def wake(self: Any) -> None:
+        waker = getattr(self, "_gateway_waker", None)
+        if waker is not None:
+            waker.wake()
+
+    def send_pdu(self: Any, primitive: Any) -> None:
+        original_send(self, primitive)
+        wake(self)
+
+    def kill_dul(self: Any) -> None:
+        original_kill_dul(self)
+        wake(self)
+
+    provider.run_reactor = run_reactor
+    provider.send_pdu = send_pdu
+    provider.kill_dul = kill_dul
+
+
+def _patch_association() -> None:
+    """The association thread woken by a pause request, a primitive from the DUL and a
+    request to stop; a requestor's stolen response put back (see the module's doc)."""
+    association = _association.Association
+    original_init = association.__init__
+    original_kill = association.kill
+    original_serve = association._serve_request
+
+    def init(self: Any, *args: Any, **kwargs: Any) -> None:
+        original_init(self, *args, **kwargs)
+        self._reactor_checkpoint = _Checkpoint(self)
+        self.dul.to_user_queue = _ToUser(self)
+
+    def kill(self: Any) -> None:
+        self._kill = True  # pynetdicom sets it too, then waits for the DUL to stop
+        _wake_association(self)
+        original_kill(self)
+
+    def serve_request(self: Any, msg: Any, context_id: int) -> None:
+        if (self.is_requestor and msg is not None and not msg.is_valid_request
+                and msg.is_valid_response):
+            self.dimse.msg_queue.put((context_id, msg))
+            return
+        original_serve(self, msg, context_id)
+
+    association.__init__ = init
+    association.kill = kill
+    association._serve_request = serve_request
+
+
+def _patch_sockets() -> None:
+    """Nagle off on association sockets, inbound and outbound."""
+    original_create_socket = _transport.AssociationSocket._create_socket
+    original_get_request = _transport.AssociationServer.get_request
+
+    def create_socket(self: Any, address: Any) -> socket.socket:
+        sock: socket.socket = original_create_socket(self, address)
+        _no_delay(sock)
+        return sock
+
+    def get_request(self: Any) -> tuple[socket.socket, tuple[str, int]]:
+        sock, address = original_get_request(self)
+        _no_delay(sock)
+        return sock, address
+
+    _transport.AssociationSocket._create_socket = create_socket
+    _transport.AssociationServer.get_request = get_request

@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import pynetdicom
@@ -17,7 +18,13 @@ from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification
 
 from gateway import dimse_reactor
-from gateway.dimse_reactor import _association_idle_wait, _Checkpoint, _dul_idle_wait, _Waker
+from gateway.dimse_reactor import (
+    _association_idle_wait,
+    _Checkpoint,
+    _dul_idle_wait,
+    _ToUser,
+    _Waker,
+)
 from tests.helpers.net import LOOPBACK, wait_until
 
 
@@ -127,6 +134,7 @@ class _Dimse:
 class _Assoc:
     dimse: _Dimse = field(default_factory=_Dimse)
     _reactor_checkpoint: threading.Event | None = None
+    dul: Any = None
 
 
 def test_association_wait_ends_when_a_message_arrives() -> None:
@@ -154,6 +162,40 @@ def test_association_wait_ends_when_a_pause_is_requested() -> None:
     timer.join()
     # Already paused: no wait at all.
     assert _timed(lambda: _association_idle_wait(assoc, 2.0)) < 0.5
+
+
+def test_association_wait_ends_when_the_dul_hands_over_a_primitive() -> None:
+    # A release or abort indication from the DUL thread: the association thread acts on
+    # it at once, not when its wait runs out.
+    assoc = _Assoc()
+    assoc._reactor_checkpoint = _Checkpoint(assoc)
+    assoc.dul = SimpleNamespace(to_user_queue=_ToUser(assoc))
+    timer = _later(0.05, lambda: assoc.dul.to_user_queue.put("A-RELEASE indication"))
+    assert _timed(lambda: _association_idle_wait(assoc, 2.0)) < 1.0
+    timer.join()
+    # Not taken yet (pynetdicom's own check takes it): no wait at all meanwhile.
+    assert _timed(lambda: _association_idle_wait(assoc, 2.0)) < 0.5
+
+
+def test_association_wait_ends_when_the_association_is_killed(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dimse_reactor.install()
+    monkeypatch.setattr(dimse_reactor, "IDLE_WAIT", 3.0)  # what a kill must not wait out
+    ae = AE(ae_title="KILLED")
+    ae.add_supported_context(Verification)
+    ae.add_requested_context(Verification)
+    server = ae.start_server((LOOPBACK, 0), block=False)
+    try:
+        assoc = ae.associate(LOOPBACK, server.server_address[1], ae_title="KILLED")
+        assert assoc.is_established
+        wait_until(lambda: len(server.active_associations) == 1, 5)
+        acceptor = server.active_associations[0]
+        threading.Event().wait(0.2)  # both threads of each side now in their idle waits
+        assert _timed(acceptor.kill) < 1.5
+        assert _timed(assoc.kill) < 1.5
+    finally:
+        server.shutdown()
 
 
 def test_association_sockets_have_nagle_turned_off_both_ways() -> None:
