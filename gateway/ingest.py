@@ -62,6 +62,9 @@ class ReceivedInstance:
     dataset_offset: int | None = None
     """Where the data set starts, when the receiver wrote the file meta group itself
     (it is then not parsed again)."""
+    digests: tuple[str, str | None] | None = None
+    """The data set's SHA-256 and, for a document, the whole object's SHA-1, when the
+    receiver computed them as the bytes arrived (they are then not read back)."""
 
     def discard(self) -> None:
         """Remove the received file, if there is one (it will not be kept)."""
@@ -399,16 +402,18 @@ class Ingestor:
 
     def _read(self, received: ReceivedInstance, sender: Sender) -> InstanceRecord:
         """Read the header and checksum of the received object (never the pixel data)."""
+        document = is_document(received.sop_class_uid)  # the data set's, once checked
         if received.content is not None:
             content = memoryview(received.content)
             parsed = self._parse(content, received, sender)
-            whole = (hashlib.sha1(content)  # noqa: S324 - required by FHIR Attachment.hash
-                     if is_document(parsed.attributes.sop_class_uid) else None)
-            return self._record(
-                received, sender, parsed, size=len(content),
-                sha256=hashlib.sha256(content[parsed.offset:]).hexdigest(),
-                sha1=whole.hexdigest() if whole else None,
-            )
+            if received.digests is not None:
+                digest, sha1 = received.digests
+            else:
+                whole = hashlib.sha1(content) if document else None  # noqa: S324 - FHIR Attachment.hash
+                digest = hashlib.sha256(content[parsed.offset:]).hexdigest()
+                sha1 = whole.hexdigest() if whole else None
+            return self._record(received, sender, parsed, size=len(content),
+                                sha256=digest, sha1=sha1)
         assert received.path is not None
         with received.path.open("rb") as stream:
             size = stream.seek(0, 2)
@@ -416,8 +421,10 @@ class Ingestor:
                 raise _RefusedError(Status.CANNOT_UNDERSTAND, "empty dataset")
             with mmap.mmap(stream.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
                 parsed = self._parse(mapped, received, sender)
-            digest, sha1 = _digests(stream, parsed.offset, size,
-                                    with_sha1=is_document(parsed.attributes.sop_class_uid))
+            if received.digests is not None:
+                digest, sha1 = received.digests
+            else:
+                digest, sha1 = _digests(stream, parsed.offset, size, with_sha1=document)
         return self._record(received, sender, parsed, size=size, sha256=digest, sha1=sha1)
 
     def _parse(

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import itertools
 import os
 import select
@@ -61,6 +62,7 @@ from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import uid_to_service_class
 
+from gateway.dicom.attributes import is_document
 from gateway.dimse_codec import (
     ERROR_COMMENT_MAX,
     c_store_rsp_command,
@@ -171,6 +173,10 @@ class _Message:
     """The object so far, while it is held in memory (then *fd* and *path* are None)."""
     dataset_offset: int = 0
     """The length of the preamble and file meta group the lane wrote."""
+    sha256: Any = field(default_factory=hashlib.sha256)
+    """Of the data set, updated as its fragments arrive (it is not read back later)."""
+    sha1: Any = None
+    """Documents only: of the whole object (FHIR attachments use SHA-1)."""
 
 
 class ProtocolError(Exception):
@@ -346,6 +352,8 @@ class StoreLane:
         )
         message = _Message(context_id, command, syntax, content=content,
                            dataset_offset=len(content))
+        if is_document(command.sop_class_uid):
+            message.sha1 = hashlib.sha1(content)  # noqa: S324 - required by FHIR Attachment.hash
         self._message = message
         if len(content) > self.in_memory_max:
             self._to_file(message, b"")
@@ -371,6 +379,9 @@ class StoreLane:
             raise ProtocolError("command fragment inside a data set")
         if context_id != message.context_id:
             raise ProtocolError("data fragment for another presentation context")
+        message.sha256.update(data)
+        if message.sha1 is not None:
+            message.sha1.update(data)
         if message.content is not None:
             if len(message.content) + len(data) > self.in_memory_max:
                 self._to_file(message, data)
@@ -406,6 +417,8 @@ class StoreLane:
                 status, comment = self.serve(ReceivedInstance(
                     message.path, command.sop_class_uid, command.sop_instance_uid,
                     message.transfer_syntax, message.content, message.dataset_offset,
+                    (message.sha256.hexdigest(),
+                     message.sha1.hexdigest() if message.sha1 is not None else None),
                 ))
             except Exception as exc:  # noqa: BLE001 - answered as pynetdicom answers it
                 log.error("c_store_internal_error",

@@ -4,6 +4,7 @@ everything else left to pynetdicom, protocol errors aborting only their associat
 from __future__ import annotations
 
 import errno
+import hashlib
 import threading
 import time
 from collections.abc import Iterator
@@ -255,6 +256,8 @@ def test_an_object_is_held_in_memory_up_to_the_limit_and_continued_in_a_file_bey
         parrot.close()
         (instance,) = received
         assert instance.dataset_offset == header
+        # Computed as the fragments arrived, in memory or on the way to the file.
+        assert instance.digests == (hashlib.sha256(data).hexdigest(), None)
         if in_memory:
             assert (instance.path, bytes(instance.content or b"")) == (None, expected)
         else:
