@@ -1,9 +1,12 @@
 """The durable-write floor: what acknowledging an instance only once it is on disk costs
-on this machine, with no DICOM, no Python DICOM stack and no index logic.
+on this machine when the instance is spooled as a file, with no DICOM, no Python DICOM
+stack and no index logic.
 
 For each instance of a study directory, in storescu's order, one after the other (a
 sender waits for each response), it does what the gateway's receive path must do before
-it may answer Success, and nothing else:
+it may answer Success for an instance spooled as a file (those larger than
+``storage.spool_in_index_max_bytes``; smaller ones go into the index commit itself, one
+flush instead of three), and nothing else:
 
 1. create a file in ``incoming/`` and write the instance's bytes to it;
 2. ``fdatasync`` the file, rename it into ``ready/`` and ``fsync`` that directory;
