@@ -20,6 +20,7 @@ are spooled in the index, in the transaction of their index row (:mod:`gateway.i
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import os
 import shutil
@@ -40,6 +41,32 @@ class SpoolError(OSError):
 
 class SpoolInUseError(Exception):
     """Another process runs a node on this spool."""
+
+
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    try:
+        function = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):  # not Linux (or not glibc/musl)
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
+
+
+_start_writeback = _sync_file_range()
+
+
+def start_writeback(fd: int) -> None:
+    """Ask the kernel to start writing *fd*'s dirty pages to disk now, while the rest of
+    the instance is still arriving, so that the ``fdatasync`` in :meth:`Spool.persist`
+    waits for less (Linux ``sync_file_range(SYNC_FILE_RANGE_WRITE)``, as PostgreSQL's
+    ``pg_flush_data`` does). Only a hint: it makes nothing durable, pages already being
+    written are skipped, and where it is missing or fails nothing changes."""
+    if _start_writeback is not None:
+        _start_writeback(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
 
 
 def _fsync_directory(path: Path) -> None:
@@ -208,12 +235,18 @@ class Spool:
         """
         name = f"{uuid.uuid4().hex}.dcm"
         try:
-            fd = os.open(received, os.O_RDONLY)
+            # Renamed first, flushed after: the file's flush then commits the rename
+            # with the file system's journal, and the directory's finds nothing left to
+            # do (one journal commit instead of two on ext4 and XFS). Before both
+            # flushes have returned nothing refers to the file: a crash in between
+            # leaves an unreferenced file in ready/, quarantined at start-up as an
+            # orphan, as a crash before the index commit always has.
+            received.rename(self.ready / name)
+            fd = os.open(self.ready / name, os.O_RDONLY)
             try:
                 os.fdatasync(fd)
             finally:
                 os.close(fd)
-            received.rename(self.ready / name)
             self._ready_sync.sync()
         except OSError as exc:
             self.discard_received(received)

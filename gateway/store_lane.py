@@ -75,6 +75,7 @@ from gateway.dimse_codec import (
 from gateway.dimse_reactor import SUPPORTED_VERSIONS
 from gateway.ingest import ReceivedInstance
 from gateway.logs import failure_fields, get_logger
+from gateway.spool import start_writeback
 from gateway.status import Status
 
 log = get_logger(__name__)
@@ -89,6 +90,8 @@ _NO_DATA_SET = 0x0101
 _SERVED_WAIT = 0.05  # seconds the lane waits for pynetdicom to finish a message
 _FOLLOWING_PDUS = 64  # PDUs of one message read without returning to the reactor
 _ESTABLISH_WAIT = 10.0  # ... and for it to finish accepting the association
+WRITEBACK_BYTES = 128 * 1024
+"""Written to a spool file before the kernel is asked to start writing it out."""
 _HANDLER_FAILED = 0xC211  # what pynetdicom answers when the C-STORE handler raises
 BYPASSED_EVENTS = (
     evt.EVT_PDU_RECV, evt.EVT_PDU_SENT, evt.EVT_DATA_RECV, evt.EVT_DATA_SENT,
@@ -177,6 +180,8 @@ class _Message:
     """Of the data set, updated as its fragments arrive (it is not read back later)."""
     sha1: Any = None
     """Documents only: of the whole object (FHIR attachments use SHA-1)."""
+    unflushed: int = 0
+    """Bytes written to the file since the kernel was last asked to start writing it."""
 
 
 class ProtocolError(Exception):
@@ -392,6 +397,11 @@ class StoreLane:
                 _write_all(message.fd, data)
             except OSError as exc:
                 _failed(message, exc)
+            else:
+                message.unflushed += len(data)
+                if message.unflushed >= WRITEBACK_BYTES:
+                    message.unflushed = 0
+                    start_writeback(message.fd)
         if control & _LAST:
             self._message = None
             self._finish(dul, message)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import itertools
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -298,6 +300,36 @@ def test_a_file_that_cannot_be_created_when_the_object_outgrows_memory_is_answer
         parrot.close()
         assert _instances(node) == [stored]
         assert not any(node.spool.incoming.iterdir())
+
+
+def test_the_kernel_is_asked_to_write_a_spool_file_out_while_it_still_arrives(
+    file_spool_node: Node, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The fdatasync before the answer then waits for less: each request comes once
+    # another WRITEBACK_BYTES are in the file, never for the same bytes twice.
+    node = file_spool_node
+    monkeypatch.setattr(store_lane, "WRITEBACK_BYTES", 8192)
+    requests: list[int] = []
+    start_writeback = store_lane.start_writeback
+
+    def recorded(fd: int) -> None:
+        requests.append(os.fstat(fd).st_size)
+        start_writeback(fd)
+
+    monkeypatch.setattr(store_lane, "start_writeback", recorded)
+    (uid, data), = _study(tmp_path, 1)
+    parrot = _associate(node)
+    parrot.send(p_data(1, 0b11, c_store_command(CT_IMAGE_STORAGE, uid, 1)))
+    fragments = [data[start:start + 4096] for start in range(0, len(data), 4096)]
+    for fragment in fragments[:-1]:
+        parrot.send(p_data(1, 0b00, fragment))
+    parrot.send(p_data(1, 0b10, fragments[-1]))
+    assert parrot.receive_command().Status == 0x0000
+    parrot.close()
+    assert len(requests) == len(data) // 8192
+    assert requests == sorted(set(requests))
+    assert all(later - earlier >= 8192 for earlier, later in itertools.pairwise(requests))
+    assert _instances(node) == [uid]
 
 
 def test_a_spool_write_failing_mid_data_set_is_answered_and_the_association_goes_on(
