@@ -393,15 +393,11 @@ class DestinationWorker:
         if not delivered:
             return
         now = self.settings.clock()
+        results = [(job.id, job.attempts + 1, outcome) for job, outcome in delivered]
         try:
             with self.settings.engine.begin() as connection:
-                lost = [
-                    job.id for job, outcome in delivered
-                    if not queue.record_outcome(
-                        connection, job.id, owner=self.owner, attempts=job.attempts + 1,
-                        result=outcome, now=now, forward_association_id=association_id,
-                    )
-                ]
+                lost = queue.record_outcomes(connection, results, owner=self.owner, now=now,
+                                             forward_association_id=association_id)
         except SQLAlchemyError as exc:
             # The leases expire and the jobs are tried again: at worst duplicate sends.
             log.error("forward_record_failed", jobs=len(delivered), error=describe_error(exc))

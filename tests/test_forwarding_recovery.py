@@ -14,6 +14,7 @@ from gateway.config import DestinationConfig
 from gateway.forwarder import Forwarder, ForwardSettings
 from gateway.index import queue
 from gateway.index.database import make_engine
+from gateway.index.outbox import Outcome
 from gateway.objectstore.filestore import FileObjectStore
 from gateway.spool import Spool
 from tests.helpers import dcmtk
@@ -150,3 +151,67 @@ def test_concurrent_claims_split_the_queue(tmp_path: Path, database_url: str) ->
     all_ids = [job_id for ids in claimed.values() for job_id in ids]
     assert len(all_ids) == 40
     assert len(set(all_ids)) == 40, "a job was claimed by two workers"
+
+
+def test_outcomes_recorded_together_are_recorded_as_one_by_one_and_lost_leases_kept(
+    tmp_path: Path, database_url: str
+) -> None:
+    """The forwarder records an association's deliveries in one go: each job moves on as
+    its outcome says, with its attempt row; a job whose lease another worker took
+    meanwhile is left as that worker has it, and reported."""
+    config = make_config(tmp_path, database_url, destination=[_destination(free_port())],
+                         route=[{"name": "all", "destinations": ["pacs"]}])
+    with running_node(config) as node:
+        node.forwarder.stop()
+        assert dcmtk.storescu(node.receiver.port, make_study(tmp_path / "s", 5)).ok
+        wait_uploaded(node.engine, 5)
+        with node.engine.begin() as connection:
+            connection.execute(text("UPDATE forward_job SET state = 'pending', lease_owner = NULL,"
+                                    " next_attempt_at = NULL, attempts = 0"))
+        now = node.ingestor.clock()
+        with node.engine.begin() as connection:
+            jobs = queue.claim_batch(connection, "pacs", node="n", owner="n:w", now=now,
+                                     lease=dt.timedelta(seconds=60), limit=5)
+        assert len(jobs) == 5
+        retry_at = now + dt.timedelta(seconds=30)
+        outcomes = [
+            Outcome("success", status=0x0000),
+            Outcome("warning", status=0xB000, error="coercion of data elements"),
+            Outcome("transient", status=None, error="connection refused",
+                    next_attempt_at=retry_at),
+            Outcome("permanent", status=0xA900, error="refused", dead_reason="refused: 0xA900"),
+            Outcome("success", status=0x0000),
+        ]
+        stolen = jobs[4].id
+        with node.engine.begin() as connection:
+            connection.execute(text("UPDATE forward_job SET lease_owner = 'm:w' WHERE id = :id"),
+                               {"id": stolen})
+        with node.engine.begin() as connection:
+            lost = queue.record_outcomes(
+                connection, [(job.id, job.attempts + 1, outcome)
+                             for job, outcome in zip(jobs, outcomes, strict=True)],
+                owner="n:w", now=now, forward_association_id="assoc-1")
+        assert lost == [stolen]
+        with node.engine.connect() as connection:
+            rows = {row.id: row for row in connection.execute(text(
+                "SELECT id, state, attempts, lease_owner, last_status, last_error, warning,"
+                " dead_reason, next_attempt_at IS NOT NULL AS retries FROM forward_job"))}
+            attempts = connection.execute(text(
+                "SELECT job_pk, outcome, status, error, forward_association_id, node"
+                " FROM forward_attempt ORDER BY job_pk")).all()
+    expected = [
+        ("done", 1, None, 0x0000, None, None, None, False),
+        ("done", 1, None, 0xB000, "coercion of data elements", "coercion of data elements",
+         None, False),
+        ("pending", 1, None, None, "connection refused", None, None, True),
+        ("dead", 1, None, 0xA900, "refused", None, "refused: 0xA900", False),
+        ("in_flight", 0, "m:w", None, None, None, None, False),
+    ]
+    for job, want in zip(jobs, expected, strict=True):
+        row = rows[job.id]
+        assert (row.state, row.attempts, row.lease_owner, row.last_status, row.last_error,
+                row.warning, row.dead_reason, bool(row.retries)) == want, job.id
+    assert [tuple(a) for a in attempts if a.forward_association_id == "assoc-1"] == [
+        (job.id, outcome.outcome, outcome.status, outcome.error, "assoc-1", "n")
+        for job, outcome in zip(jobs[:4], outcomes[:4], strict=True)
+    ]

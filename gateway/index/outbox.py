@@ -13,7 +13,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, FromClause, Table, Update, and_, bindparam, or_, update
+from sqlalchemy import (
+    BindParameter,
+    Connection,
+    FromClause,
+    Table,
+    Update,
+    and_,
+    bindparam,
+    or_,
+    select,
+    update,
+)
 
 PENDING = "pending"
 IN_FLIGHT = "in_flight"
@@ -34,8 +45,9 @@ class Outcome:
     """Set when the delivery becomes a dead letter."""
 
 
-def due(table: FromClause, now: dt.datetime) -> Any:
-    """Rows ready to be claimed: pending and due, or in flight under an expired lease."""
+def due(table: FromClause, now: dt.datetime | BindParameter[Any]) -> Any:
+    """Rows ready to be claimed: pending and due, or in flight under an expired lease
+    (*now*: a time or a bound parameter)."""
     c = table.c
     return or_(
         and_(c.state == PENDING, or_(c.next_attempt_at.is_(None), c.next_attempt_at <= now)),
@@ -113,6 +125,37 @@ def record(
     parameters = {f"v_{column}": value for column, value in values.items()}
     updated = connection.execute(statement, {"w_id": row_id, "w_owner": owner, **parameters})
     return bool(updated.rowcount)
+
+
+def record_many(
+    connection: Connection, table: Table,
+    records: Sequence[tuple[int, int, Outcome, dict[str, Any]]], *, owner: str,
+    now: dt.datetime,
+) -> set[int]:
+    """Record the outcomes of many rows (id, attempts, outcome, extra columns) with one
+    statement execution per shape of update; the ids recorded, the others' leases were
+    lost meanwhile (as :func:`record` answers False). The rows still held are read
+    first, locked on PostgreSQL, so the updates then change exactly those."""
+    if not records:
+        return set()
+    c = table.c
+    held = set(connection.execute(
+        select(c.id)
+        .where(c.id.in_([row_id for row_id, *_ in records]), c.lease_owner == owner,
+               c.state == IN_FLIGHT)
+        .with_for_update()
+    ).scalars())
+    shapes: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for row_id, attempts, result, extra in records:
+        if row_id not in held:
+            continue
+        values = {**outcome_values(result, attempts, now), **extra}
+        shapes.setdefault(tuple(sorted(values)), []).append(
+            {"w_id": row_id, "w_owner": owner,
+             **{f"v_{column}": value for column, value in values.items()}})
+    for columns, parameters in shapes.items():
+        connection.execute(_record_statement(table, columns), parameters)
+    return held
 
 
 def extend_leases(

@@ -14,7 +14,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
-from sqlalchemy import Connection, Table, and_, case, exists, func, or_, select, update
+from sqlalchemy import (
+    Connection,
+    Select,
+    Table,
+    and_,
+    bindparam,
+    case,
+    exists,
+    func,
+    or_,
+    select,
+    update,
+)
 
 from gateway.index import outbox
 from gateway.index.outbox import Outcome
@@ -59,14 +71,14 @@ class ClaimedJob:
     """Where the data set starts in the stored object (after the file meta group)."""
 
 
-def _sendable_by(node: str, instances: Any = instance_table) -> Any:
+def _sendable_by(node: Any, instances: Any = instance_table) -> Any:
     # A spooled instance exists only on the node that received it; once stored it is in
     # the shared object store and any node may send it.
     i = instances.c
     return or_(i.state == STORED, i.received_by == node)
 
 
-def _first_of_its_study(node: str, now: dt.datetime) -> Any:
+def _first_of_its_study(node: Any, now: Any) -> Any:
     """No older job of the same study is waiting for the destination (and sendable by
     *node*): a claim starts only at the head of a study.
 
@@ -101,27 +113,61 @@ def claim_batch(
     limit: int,
 ) -> list[ClaimedJob]:
     """Claim up to *limit* due jobs of one study (the oldest due study) for *owner*."""
+    head, batch = _claim_statements(connection.dialect.name == "postgresql")
+    values = {"destination": destination, "now": now, "node": node}
+    first = connection.execute(head, values).first()
+    if first is None:
+        return []
+    rows = connection.execute(
+        batch, {**values, "study": first.study_instance_uid, "limit": limit}).all()
+    # A job of a version that is no longer current (it failed and came back after a newer
+    # version arrived) must never be sent: it could overwrite the newer one.
+    stale = [row.id for row in rows if not row.is_current]
+    if stale:
+        c = job_table.c
+        connection.execute(
+            update(job_table)
+            .where(c.id.in_(stale))
+            .values(state=SUPERSEDED, lease_owner=None, updated_at=now, completed_at=now)
+        )
+    current = [row for row in rows if row.is_current]
+    outbox.claim(
+        connection, job_table, [row.id for row in current], owner=owner, until=now + lease, now=now
+    )
+    fields = set(ClaimedJob.__dataclass_fields__)
+    return [
+        ClaimedJob(**{k: v for k, v in row._mapping.items() if k in fields}) for row in current
+    ]
+
+
+_claims: dict[bool, tuple[Select[Any], Select[Any]]] = {}
+
+
+def _claim_statements(postgresql: bool) -> tuple[Select[Any], Select[Any]]:
+    """The claim's two queries, built once (building them cost more than running them,
+    and the forwarder's claim holds the write lock the listener waits for): the head of
+    the oldest due study, then that study's due jobs. Parameters: ``destination``,
+    ``now``, ``node``, and for the second ``study`` and ``limit``."""
+    statements = _claims.get(postgresql)
+    if statements is not None:
+        return statements
     c = job_table.c
     i = instance_table.c
+    now: Any = bindparam("now")
+    node: Any = bindparam("node")
     base = (
         select(c.id, c.study_instance_uid)
         .join(instance_table, i.id == c.instance_pk)
-        .where(c.destination == destination, outbox.due(job_table, now), _sendable_by(node))
+        .where(c.destination == bindparam("destination"), outbox.due(job_table, now),
+               _sendable_by(node))
     )
-    if connection.dialect.name == "postgresql":
+    if postgresql:
         # SKIP LOCKED may pass over the head of a study that another worker is claiming;
         # on SQLite claims are serialized by the write lock, so the oldest due job is
         # always the head of its study and the (costly) check is not needed.
         base = base.where(_first_of_its_study(node, now))
-    first = connection.execute(
-        base
-        .order_by(c.id)
-        .limit(1)
-        .with_for_update(skip_locked=True, of=job_table)
-    ).first()
-    if first is None:
-        return []
-    rows = connection.execute(
+    head = base.order_by(c.id).limit(1).with_for_update(skip_locked=True, of=job_table)
+    batch = (
         select(
             c.id,
             c.instance_pk,
@@ -147,32 +193,17 @@ def claim_batch(
         .join(instance_table, i.id == c.instance_pk)
         .join(series_table, series_table.c.id == i.series_pk)
         .where(
-            c.destination == destination,
-            c.study_instance_uid == first.study_instance_uid,
+            c.destination == bindparam("destination"),
+            c.study_instance_uid == bindparam("study"),
             outbox.due(job_table, now),
             _sendable_by(node),
         )
         .order_by(c.id)
-        .limit(limit)
+        .limit(bindparam("limit"))
         .with_for_update(skip_locked=True, of=job_table)
-    ).all()
-    # A job of a version that is no longer current (it failed and came back after a newer
-    # version arrived) must never be sent: it could overwrite the newer one.
-    stale = [row.id for row in rows if not row.is_current]
-    if stale:
-        connection.execute(
-            update(job_table)
-            .where(c.id.in_(stale))
-            .values(state=SUPERSEDED, lease_owner=None, updated_at=now, completed_at=now)
-        )
-    current = [row for row in rows if row.is_current]
-    outbox.claim(
-        connection, job_table, [row.id for row in current], owner=owner, until=now + lease, now=now
     )
-    fields = set(ClaimedJob.__dataclass_fields__)
-    return [
-        ClaimedJob(**{k: v for k, v in row._mapping.items() if k in fields}) for row in current
-    ]
+    _claims[postgresql] = head, batch
+    return head, batch
 
 
 def extend_leases(
@@ -194,16 +225,30 @@ def _record_attempt(
 ) -> None:
     connection.execute(
         _INSERT_ATTEMPT,
-        {
-            "node": node,
-            "job_pk": job_id,
-            "attempted_at": now,
-            "outcome": outcome,
-            "status": status,
-            "error": error[:2000] if error else None,
-            "forward_association_id": forward_association_id,
-        },
+        _attempt_values(job_id, now=now, outcome=outcome, status=status, error=error,
+                        forward_association_id=forward_association_id, node=node),
     )
+
+
+def _attempt_values(
+    job_id: int,
+    *,
+    now: dt.datetime,
+    outcome: str,
+    status: int | None,
+    error: str | None,
+    forward_association_id: str | None,
+    node: str | None,
+) -> dict[str, Any]:
+    return {
+        "node": node,
+        "job_pk": job_id,
+        "attempted_at": now,
+        "outcome": outcome,
+        "status": status,
+        "error": error[:2000] if error else None,
+        "forward_association_id": forward_association_id,
+    }
 
 
 def record_outcome(
@@ -236,6 +281,36 @@ def record_outcome(
         node=owner.split(":", 1)[0],
     )
     return True
+
+
+def record_outcomes(
+    connection: Connection,
+    results: Sequence[tuple[int, int, Outcome]],
+    *,
+    owner: str,
+    now: dt.datetime,
+    forward_association_id: str | None = None,
+) -> list[int]:
+    """:func:`record_outcome` for many jobs (id, attempts, outcome) of one association,
+    with a statement execution per kind of outcome instead of two per job: the ids whose
+    lease was lost meanwhile (nothing recorded for them)."""
+    records = []
+    for job_id, attempts, result in results:
+        extra: dict[str, Any] = {"last_status": result.status}
+        if result.outcome == "warning":
+            extra["warning"] = result.error
+        records.append((job_id, attempts, result, extra))
+    recorded = outbox.record_many(connection, job_table, records, owner=owner, now=now)
+    node = owner.split(":", 1)[0]
+    rows = [
+        _attempt_values(job_id, now=now, outcome=result.outcome, status=result.status,
+                        error=result.error, forward_association_id=forward_association_id,
+                        node=node)
+        for job_id, _attempts, result in results if job_id in recorded
+    ]
+    if rows:
+        connection.execute(_INSERT_ATTEMPT, rows)
+    return [job_id for job_id, _attempts, _result in results if job_id not in recorded]
 
 
 def release(connection: Connection, ids: Sequence[int], owner: str, now: dt.datetime) -> None:
