@@ -47,6 +47,10 @@ class BackgroundWork(Protocol):
 
     def wake_forward(self, destinations: Iterable[str]) -> None: ...
 
+    def association_ended(self) -> None:
+        """An association that stored instances has ended: what it brought is all in
+        the index, so forwarding need not wait for more of it."""
+
     def refresh_paused(self) -> None: ...
 
     def reconfigure(self, config: GatewayConfig) -> None:
@@ -171,6 +175,9 @@ class Background:
 
     def wake_forward(self, destinations: Iterable[str]) -> None:
         self.forwarder.wake(set(destinations))
+
+    def association_ended(self) -> None:
+        self.forwarder.settle()
 
     def refresh_paused(self) -> None:
         self.forwarder.refresh_paused()

@@ -56,6 +56,9 @@ class DestinationState:
 
     config: DestinationConfig
     wake: threading.Event = field(default_factory=threading.Event)
+    settled: threading.Event = field(default_factory=threading.Event)
+    """Set when an association that stored instances has ended since the last claim:
+    what it brought is all in the index, so a gathering worker claims at once."""
     consecutive_failures: int = 0
     paused_until: float = 0.0
     paused_by_operator: bool = False
@@ -139,6 +142,7 @@ class DestinationWorker:
     def stop(self) -> None:
         self._stopping.set()
         self.state.wake.set()
+        self.state.settled.set()
 
     def join(self, timeout: float) -> None:
         self._thread.join(timeout)
@@ -164,9 +168,10 @@ class DestinationWorker:
                 # The last claim took all there was of a study still arriving: let more of
                 # it gather, so that each claim and record transaction covers many.
                 self._caught_up = False
-                self._stopping.wait(_GATHER_SECONDS)
+                self._gather()
                 continue
             try:
+                self.state.settled.clear()  # this claim sees all that has ended so far
                 jobs = self._claim()
                 self._caught_up = 0 < len(jobs) < _RECORD_BATCH
             except SQLAlchemyError as exc:
@@ -183,7 +188,7 @@ class DestinationWorker:
                 if self.state.wake.wait(_LINK_IDLE_SECONDS if self._link else _IDLE_POLL_SECONDS):
                     # New work while idle: give the rest of the study a moment to arrive
                     # so that it goes out together, over one association.
-                    self._stopping.wait(_GATHER_SECONDS)
+                    self._gather()
                 self.state.wake.clear()
                 continue
             try:
@@ -194,6 +199,12 @@ class DestinationWorker:
                 log.error("forward_batch_internal_error", destination=self.destination.name,
                           **failure_fields(exc))
                 self._fail_all(jobs, f"internal error ({type(exc).__name__}), see the log", "")
+
+    def _gather(self) -> None:
+        """Let more of a study still arriving gather before the next claim: for
+        :data:`_GATHER_SECONDS`, or until an association that stored instances ends (all
+        it brought is in the index: the study goes out now, not a gather later)."""
+        self.state.settled.wait(_GATHER_SECONDS)
 
     def _claim(self) -> list[ClaimedJob]:
         with self.settings.engine.begin() as connection:
@@ -528,6 +539,12 @@ class Forwarder:
                 log.info("destination_paused" if name in paused else "destination_resumed",
                          destination=name)
                 state.wake.set()
+
+    def settle(self) -> None:
+        """An association that stored instances has ended: workers gathering more of a
+        study claim at once."""
+        for state in self.states.values():
+            state.settled.set()
 
     def wake(self, destinations: Collection[str] | None = None) -> None:
         """New work: wake the named destinations' workers (all when None)."""

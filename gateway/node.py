@@ -109,7 +109,7 @@ class Node:
             config.node.ae_title, config.node.accept_unknown_calling_ae, config.calling_ae
         )
         self.receiver = Receiver(config.node, policy, self.ingestor, self.engine, self.name,
-                                 metrics=self.metrics)
+                                 metrics=self.metrics, on_ended=self._on_association_ended)
         self.admin_server: AdminServer | None = None
         if config.http.port is not None:
             router = build_router(self, public=config.http.public)
@@ -147,6 +147,9 @@ class Node:
         self.work.wake_upload()
         if destinations:
             self.work.wake_forward(destinations)
+
+    def _on_association_ended(self) -> None:
+        self.work.association_ended()
 
     def start(self) -> None:
         """Migrate, recover, then start uploading, forwarding and listening."""

@@ -15,6 +15,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -256,8 +257,12 @@ class Receiver:
         node_name: str,
         *,
         metrics: Metrics | None = None,
+        on_ended: Callable[[], None] | None = None,
     ) -> None:
         self.config = config
+        self.on_ended = on_ended or (lambda: None)
+        """Called when an association that stored instances has ended: all it brought is
+        in the index (the forwarders need not wait for more of its studies)."""
         self.metrics = metrics or Metrics()
         self.policy = policy
         self.ingestor = ingestor
@@ -553,6 +558,8 @@ class Receiver:
             )
 
         self._write_log(write)
+        if session.received:
+            self.on_ended()
 
     def _write_log(self, write: Any) -> bool:
         try:

@@ -128,6 +128,7 @@ class WorkerProcess:
         self._pending_upload = False
         self._pending_destinations: set[str] = set()
         self._pending_refresh = False
+        self._pending_ended = False
         self._supervisor = threading.Thread(target=self._supervise, name="worker-supervisor",
                                             daemon=True)
         self._notifier = threading.Thread(target=self._notify_loop, name="worker-notifier",
@@ -331,6 +332,11 @@ class WorkerProcess:
             self._pending_destinations.update(destinations)
             self._pending.notify()
 
+    def association_ended(self) -> None:
+        with self._pending:
+            self._pending_ended = True
+            self._pending.notify()
+
     def refresh_paused(self) -> None:
         with self._pending:
             self._pending_refresh = True
@@ -346,14 +352,16 @@ class WorkerProcess:
         while True:
             with self._pending:
                 while not (self._pending_upload or self._pending_destinations
-                           or self._pending_refresh or self._stopping.is_set()):
+                           or self._pending_refresh or self._pending_ended
+                           or self._stopping.is_set()):
                     self._pending.wait()
                 if self._stopping.is_set():
                     return
-                upload, destinations, refresh = (self._pending_upload,
-                                                 sorted(self._pending_destinations),
-                                                 self._pending_refresh)
+                upload, destinations, refresh, ended = (
+                    self._pending_upload, sorted(self._pending_destinations),
+                    self._pending_refresh, self._pending_ended)
                 self._pending_upload, self._pending_refresh = False, False
+                self._pending_ended = False
                 self._pending_destinations.clear()
             # A worker that misses a wake-up (it is restarting) finds the work in the
             # index when it starts.
@@ -362,6 +370,8 @@ class WorkerProcess:
                     self._send({"op": "refresh_paused"})
                 if upload or destinations:
                     self._send({"op": "stored", "destinations": destinations})
+                if ended:
+                    self._send({"op": "association_ended"})
             self._stopping.wait(NOTIFY_INTERVAL_SECONDS)
 
     def reconfigure(self, config: GatewayConfig) -> None:
@@ -495,6 +505,8 @@ class _Worker:
             background.wake_upload()
             if message.get("destinations"):
                 background.wake_forward(message["destinations"])
+        elif op == "association_ended":
+            background.association_ended()
         elif op == "refresh_paused":
             background.refresh_paused()
         elif op == "reconfigure":

@@ -15,6 +15,7 @@ from pydicom.dataset import Dataset
 from sqlalchemy import text
 from structlog.testing import capture_logs
 
+from gateway import forwarder
 from gateway.node import Node
 from tests.helpers import dcmtk
 from tests.helpers.data import dataset_bytes, make_study, unique_copy
@@ -262,6 +263,20 @@ def test_without_decompression_an_unacceptable_syntax_is_a_dead_letter_saying_wh
         assert peer.received() == []
     assert "no presentation context" in reason
     assert "JPEG 2000" in reason and "decompression is disabled" in reason
+
+
+def test_a_study_goes_out_as_soon_as_its_association_ends(
+    tmp_path: Path, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A worker that finds a study still arriving lets more of it gather before claiming
+    # (_GATHER_SECONDS); the end of the association that brought it ends that wait.
+    monkeypatch.setattr(forwarder, "_GATHER_SECONDS", 120.0)
+    with dcmtk.storescp(tmp_path / "pacs") as pacs:
+        dest = destination("pacs", pacs.port, pacs.ae_title)
+        with gateway(tmp_path, database_url, [dest]) as node:
+            assert dcmtk.storescu(node.receiver.port, make_study(tmp_path / "s", 10)).ok
+            wait_done(node, 10, timeout=30)
+        assert len(pacs.files()) == 10
 
 
 def test_parallel_associations_deliver_each_instance_once(

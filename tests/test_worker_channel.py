@@ -31,12 +31,16 @@ class _Background:
     def __init__(self) -> None:
         self.uploads = 0
         self.refreshes = 0
+        self.ended = 0
 
     def wake_upload(self) -> None:
         self.uploads += 1
 
     def wake_forward(self, _destinations: Any) -> None:
         pass
+
+    def association_ended(self) -> None:
+        self.ended += 1
 
     def refresh_paused(self) -> None:
         self.refreshes += 1
@@ -52,12 +56,12 @@ def test_a_failing_message_is_logged_and_the_worker_keeps_reading() -> None:
         reader = threading.Thread(target=worker._read, args=(background,))
         reader.start()
         for message in ({"op": "refresh_paused"}, {"op": "stored", "destinations": []},
-                        {"op": "refresh_paused"}, {"op": "stop"}):
+                        {"op": "association_ended"}, {"op": "refresh_paused"}, {"op": "stop"}):
             send_message(listener, message)
         reader.join(10)
     assert not reader.is_alive()
     assert worker.stop_requested.is_set()
-    assert (background.refreshes, background.uploads) == (2, 1)
+    assert (background.refreshes, background.uploads, background.ended) == (2, 1, 1)
     failed = [entry for entry in logs if entry["event"] == "worker_message_failed"]
     assert len(failed) == 1 and failed[0]["op"] == "refresh_paused"
     listener.close()
@@ -115,5 +119,29 @@ def test_wake_ups_while_instances_arrive_are_merged_into_few_messages(tmp_path: 
     assert 1 <= len(messages) <= elapsed / NOTIFY_INTERVAL_SECONDS + 2
     assert set().union(*(message["destinations"] for message in messages)) == {
         "pacs0", "pacs1", "pacs2"}
+    listener_end.close()
+    worker_end.close()
+
+
+def test_the_end_of_an_association_reaches_the_worker_after_its_wake_ups(
+    tmp_path: Path,
+) -> None:
+    listener_end, worker_end = socket.socketpair()
+    config = make_config(tmp_path, "sqlite:///" + str(tmp_path / "index.db"))
+    channel = WorkerProcess(config, node_name="node-test", spool_lock_fd=None,
+                            metrics=Metrics())
+    channel._socket = listener_end
+    channel.wake_upload()
+    channel.wake_forward(["pacs"])
+    channel.association_ended()
+    channel._notifier.start()
+    worker_end.settimeout(5)
+    messages = [receive_message(worker_end), receive_message(worker_end)]
+    channel._stopping.set()
+    with channel._pending:
+        channel._pending.notify_all()
+    channel._notifier.join(5)
+    assert messages == [{"op": "stored", "destinations": ["pacs"]},
+                        {"op": "association_ended"}]
     listener_end.close()
     worker_end.close()
