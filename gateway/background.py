@@ -47,9 +47,9 @@ class BackgroundWork(Protocol):
 
     def wake_forward(self, destinations: Iterable[str]) -> None: ...
 
-    def association_ended(self) -> None:
-        """An association that stored instances has ended: what it brought is all in
-        the index, so forwarding need not wait for more of it."""
+    def association_ended(self, destinations: Iterable[str]) -> None:
+        """An association whose instances were routed to *destinations* has ended: what
+        it brought is all in the index, so forwarding need not wait for more of it."""
 
     def refresh_paused(self) -> None: ...
 
@@ -176,8 +176,8 @@ class Background:
     def wake_forward(self, destinations: Iterable[str]) -> None:
         self.forwarder.wake(set(destinations))
 
-    def association_ended(self) -> None:
-        self.forwarder.settle()
+    def association_ended(self, destinations: Iterable[str]) -> None:
+        self.forwarder.settle(set(destinations))
 
     def refresh_paused(self) -> None:
         self.forwarder.refresh_paused()

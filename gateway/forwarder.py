@@ -42,6 +42,7 @@ _LEASE = dt.timedelta(minutes=10)
 _LEASE_RENEWAL_SECONDS = 60.0
 _IDLE_POLL_SECONDS = 2.0
 _GATHER_SECONDS = 0.1
+_GATHER_MIN_SECONDS = 0.02  # the listener's wake-up interval
 _RECORD_BATCH = 32  # successful sends recorded per transaction
 _LINK_IDLE_SECONDS = 1.0  # an association with nothing more to send is released after this
 
@@ -56,13 +57,19 @@ class DestinationState:
 
     config: DestinationConfig
     wake: threading.Event = field(default_factory=threading.Event)
-    settled: threading.Event = field(default_factory=threading.Event)
-    """Set when an association that stored instances has ended since the last claim:
-    what it brought is all in the index, so a gathering worker claims at once."""
+    ended: threading.Condition = field(default_factory=threading.Condition)
+    ended_count: int = 0
+    """Associations whose instances were routed here that have ended: each time, what
+    one brought is all in the index, and workers gathering more of a study claim."""
     consecutive_failures: int = 0
     paused_until: float = 0.0
     paused_by_operator: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def association_ended(self) -> None:
+        with self.ended:
+            self.ended_count += 1
+            self.ended.notify_all()
 
     def failed(self) -> float:
         """Record a destination-level failure; return the pause before the next try.
@@ -132,6 +139,7 @@ class DestinationWorker:
         self._link_association_id = ""
         self._link_used = 0.0
         self._caught_up = False
+        self._ended_seen = 0
         self._thread = threading.Thread(
             target=self._run, name=f"forward-{self.destination.name}-{index}", daemon=True
         )
@@ -142,7 +150,8 @@ class DestinationWorker:
     def stop(self) -> None:
         self._stopping.set()
         self.state.wake.set()
-        self.state.settled.set()
+        with self.state.ended:
+            self.state.ended.notify_all()
 
     def join(self, timeout: float) -> None:
         self._thread.join(timeout)
@@ -171,7 +180,7 @@ class DestinationWorker:
                 self._gather()
                 continue
             try:
-                self.state.settled.clear()  # this claim sees all that has ended so far
+                self._ended_seen = self.state.ended_count  # this claim sees all of those
                 jobs = self._claim()
                 self._caught_up = 0 < len(jobs) < _RECORD_BATCH
             except SQLAlchemyError as exc:
@@ -202,9 +211,17 @@ class DestinationWorker:
 
     def _gather(self) -> None:
         """Let more of a study still arriving gather before the next claim: for
-        :data:`_GATHER_SECONDS`, or until an association that stored instances ends (all
-        it brought is in the index: the study goes out now, not a gather later)."""
-        self.state.settled.wait(_GATHER_SECONDS)
+        :data:`_GATHER_SECONDS`, or until an association routed here has ended since the
+        last claim (all it brought is in the index: the study goes out now, not a gather
+        later); at least :data:`_GATHER_MIN_SECONDS`, so that a sender opening an
+        association per instance still gets claims covering several."""
+        if self._stopping.wait(_GATHER_MIN_SECONDS):
+            return
+        state = self.state
+        with state.ended:
+            state.ended.wait_for(
+                lambda: state.ended_count != self._ended_seen or self._stopping.is_set(),
+                _GATHER_SECONDS - _GATHER_MIN_SECONDS)
 
     def _claim(self) -> list[ClaimedJob]:
         with self.settings.engine.begin() as connection:
@@ -540,11 +557,12 @@ class Forwarder:
                          destination=name)
                 state.wake.set()
 
-    def settle(self) -> None:
-        """An association that stored instances has ended: workers gathering more of a
-        study claim at once."""
-        for state in self.states.values():
-            state.settled.set()
+    def settle(self, destinations: Collection[str]) -> None:
+        """An association whose instances were routed to *destinations* has ended: their
+        workers gathering more of a study claim now."""
+        for name, state in self.states.items():
+            if name in destinations:
+                state.association_ended()
 
     def wake(self, destinations: Collection[str] | None = None) -> None:
         """New work: wake the named destinations' workers (all when None)."""

@@ -12,7 +12,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -148,8 +148,8 @@ class Node:
         if destinations:
             self.work.wake_forward(destinations)
 
-    def _on_association_ended(self) -> None:
-        self.work.association_ended()
+    def _on_association_ended(self, destinations: Collection[str]) -> None:
+        self.work.association_ended(destinations)
 
     def start(self) -> None:
         """Migrate, recover, then start uploading, forwarding and listening."""
@@ -216,14 +216,17 @@ class Node:
             backlog = repository.spool_backlog(connection, self.name)
         on_disk = self.spool.ready_names()
         # In ready/ but not in the index: normally a commit that never happened (so never
-        # acknowledged; the sender sends it again), but also what a database restored
+        # acknowledged; the sender sends it again, and the file may be incomplete: it is
+        # renamed into ready/ before it is flushed), but also what a database restored
         # from an older backup looks like. Kept aside, never deleted here.
         orphans = on_disk - referenced
         for name in orphans:
             self.spool.quarantine(name)
         if orphans:
             log.warning("spool_files_unreferenced", count=len(orphans),
-                        moved_to=str(self.spool.orphaned))
+                        moved_to=str(self.spool.orphaned),
+                        note="never acknowledged (possibly incomplete) or a restored "
+                             "database's: check a file before using it")
         swept = self.spool.sweep_orphaned(ORPHAN_RETENTION_SECONDS)
         missing = referenced - on_disk
         if missing:

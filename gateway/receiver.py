@@ -15,7 +15,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -216,6 +216,8 @@ class _Session:
     new_versions: int = 0
     unrouted: int = 0
     bytes: int = 0
+    destinations: set[str] = field(default_factory=set)
+    """Where the association's instances were routed."""
     recorded: bool = False
     finished: bool = False
     release_answered: bool = False
@@ -234,6 +236,7 @@ class _Session:
             self.new_versions += 1
         if not result.destinations:
             self.unrouted += 1
+        self.destinations.update(result.destinations)
 
     def totals(self) -> AssociationTotals:
         return AssociationTotals(
@@ -257,12 +260,13 @@ class Receiver:
         node_name: str,
         *,
         metrics: Metrics | None = None,
-        on_ended: Callable[[], None] | None = None,
+        on_ended: Callable[[Collection[str]], None] | None = None,
     ) -> None:
         self.config = config
-        self.on_ended = on_ended or (lambda: None)
-        """Called when an association that stored instances has ended: all it brought is
-        in the index (the forwarders need not wait for more of its studies)."""
+        self.on_ended = on_ended or (lambda destinations: None)
+        """Called with the destinations an association's instances were routed to when
+        it has ended: all it brought is in the index (their forwarders need not wait for
+        more of its studies)."""
         self.metrics = metrics or Metrics()
         self.policy = policy
         self.ingestor = ingestor
@@ -558,8 +562,8 @@ class Receiver:
             )
 
         self._write_log(write)
-        if session.received:
-            self.on_ended()
+        if session.destinations:
+            self.on_ended(sorted(session.destinations))
 
     def _write_log(self, write: Any) -> bool:
         try:

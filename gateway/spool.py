@@ -5,10 +5,13 @@ Layout under ``spool_dir``:
 - ``incoming/``: files being received. Nothing here was acknowledged; it is emptied at
   start-up and stale files are swept while running.
 - ``ready/``: fsync'ed instances (file and directory entry) named ``<uuid>.dcm``,
-  referenced by an index row until the object store has them.
+  referenced by an index row until the object store has them. A file is renamed here
+  just before it is flushed: one that no row references may be incomplete (a crash
+  before its acknowledgement).
 - ``orphaned/``: files found in ``ready/`` at start-up that no index row references (a
   commit that never happened, or a database restored from an older backup). They are
-  kept, not deleted, for ``orphan_retention`` and then removed.
+  kept, not deleted, for ``orphan_retention`` and then removed. One whose instance was
+  never acknowledged may be incomplete: verify (parse) a file before using it.
 - ``node-id``: this spool's identity in a shared database; ``lock``: held while a node
   runs on this spool, so two processes can never share it.
 
@@ -46,7 +49,21 @@ class SpoolInUseError(Exception):
 _SYNC_FILE_RANGE_WRITE = 2
 
 
+def kernel_version() -> tuple[int, int]:
+    """The running kernel's (major, minor) version; (0, 0) when it cannot be read."""
+    try:
+        major, minor = os.uname().release.split(".")[:2]
+        return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+    except (ValueError, AttributeError):
+        return (0, 0)
+
+
 def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    # The file is flushed through a descriptor opened after the early write-back: Linux
+    # before 4.18 (4.13-4.17 without a later fix) may not report to it a write-back
+    # error that happened before its open. There, no early write-back.
+    if kernel_version() < (4, 18):
+        return None
     try:
         function = ctypes.CDLL(None, use_errno=True).sync_file_range
     except (OSError, AttributeError):  # not Linux (or not glibc/musl)
@@ -64,7 +81,8 @@ def start_writeback(fd: int) -> None:
     the instance is still arriving, so that the ``fdatasync`` in :meth:`Spool.persist`
     waits for less (Linux ``sync_file_range(SYNC_FILE_RANGE_WRITE)``, as PostgreSQL's
     ``pg_flush_data`` does). Only a hint: it makes nothing durable, pages already being
-    written are skipped, and where it is missing or fails nothing changes."""
+    written are skipped, and where it is missing (not Linux, or before 4.18) or fails
+    nothing changes."""
     if _start_writeback is not None:
         _start_writeback(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
 

@@ -128,7 +128,7 @@ class WorkerProcess:
         self._pending_upload = False
         self._pending_destinations: set[str] = set()
         self._pending_refresh = False
-        self._pending_ended = False
+        self._pending_ended: set[str] = set()
         self._supervisor = threading.Thread(target=self._supervise, name="worker-supervisor",
                                             daemon=True)
         self._notifier = threading.Thread(target=self._notify_loop, name="worker-notifier",
@@ -332,9 +332,9 @@ class WorkerProcess:
             self._pending_destinations.update(destinations)
             self._pending.notify()
 
-    def association_ended(self) -> None:
+    def association_ended(self, destinations: Iterable[str]) -> None:
         with self._pending:
-            self._pending_ended = True
+            self._pending_ended.update(destinations)
             self._pending.notify()
 
     def refresh_paused(self) -> None:
@@ -359,9 +359,9 @@ class WorkerProcess:
                     return
                 upload, destinations, refresh, ended = (
                     self._pending_upload, sorted(self._pending_destinations),
-                    self._pending_refresh, self._pending_ended)
+                    self._pending_refresh, sorted(self._pending_ended))
                 self._pending_upload, self._pending_refresh = False, False
-                self._pending_ended = False
+                self._pending_ended.clear()
                 self._pending_destinations.clear()
             # A worker that misses a wake-up (it is restarting) finds the work in the
             # index when it starts.
@@ -371,7 +371,7 @@ class WorkerProcess:
                 if upload or destinations:
                     self._send({"op": "stored", "destinations": destinations})
                 if ended:
-                    self._send({"op": "association_ended"})
+                    self._send({"op": "association_ended", "destinations": ended})
             self._stopping.wait(NOTIFY_INTERVAL_SECONDS)
 
     def reconfigure(self, config: GatewayConfig) -> None:
@@ -506,7 +506,7 @@ class _Worker:
             if message.get("destinations"):
                 background.wake_forward(message["destinations"])
         elif op == "association_ended":
-            background.association_ended()
+            background.association_ended(message.get("destinations") or [])
         elif op == "refresh_paused":
             background.refresh_paused()
         elif op == "reconfigure":

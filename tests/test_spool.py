@@ -92,3 +92,14 @@ def test_a_writeback_request_that_fails_changes_nothing(tmp_path: Path) -> None:
     fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
     os.close(fd)
     start_writeback(fd)  # a closed descriptor: EBADF, ignored (it is only a hint)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sync_file_range is Linux's")
+@pytest.mark.parametrize(("kernel", "hinted"), [((4, 17), False), ((4, 18), True),
+                                                 ((6, 1), True), ((0, 0), False)])
+def test_early_writeback_only_where_a_later_flush_reports_its_errors(
+    monkeypatch: pytest.MonkeyPatch, kernel: tuple[int, int], hinted: bool
+) -> None:
+    # Before 4.18 a write-back error from before the flush's own open could go unseen.
+    monkeypatch.setattr(spool_module, "kernel_version", lambda: kernel)
+    assert (spool_module._sync_file_range() is not None) is hinted

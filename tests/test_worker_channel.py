@@ -39,7 +39,7 @@ class _Background:
     def wake_forward(self, _destinations: Any) -> None:
         pass
 
-    def association_ended(self) -> None:
+    def association_ended(self, _destinations: Any) -> None:
         self.ended += 1
 
     def refresh_paused(self) -> None:
@@ -56,7 +56,8 @@ def test_a_failing_message_is_logged_and_the_worker_keeps_reading() -> None:
         reader = threading.Thread(target=worker._read, args=(background,))
         reader.start()
         for message in ({"op": "refresh_paused"}, {"op": "stored", "destinations": []},
-                        {"op": "association_ended"}, {"op": "refresh_paused"}, {"op": "stop"}):
+                        {"op": "association_ended", "destinations": ["pacs"]},
+                        {"op": "refresh_paused"}, {"op": "stop"}):
             send_message(listener, message)
         reader.join(10)
     assert not reader.is_alive()
@@ -133,7 +134,7 @@ def test_the_end_of_an_association_reaches_the_worker_after_its_wake_ups(
     channel._socket = listener_end
     channel.wake_upload()
     channel.wake_forward(["pacs"])
-    channel.association_ended()
+    channel.association_ended(["pacs"])
     channel._notifier.start()
     worker_end.settimeout(5)
     messages = [receive_message(worker_end), receive_message(worker_end)]
@@ -142,6 +143,6 @@ def test_the_end_of_an_association_reaches_the_worker_after_its_wake_ups(
         channel._pending.notify_all()
     channel._notifier.join(5)
     assert messages == [{"op": "stored", "destinations": ["pacs"]},
-                        {"op": "association_ended"}]
+                        {"op": "association_ended", "destinations": ["pacs"]}]
     listener_end.close()
     worker_end.close()

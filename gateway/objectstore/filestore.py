@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from gateway.objectstore import ContentChecker, ExpectedContent, ObjectStoreError, Upload
+from gateway.spool import kernel_version
 
 _CHUNK = 1024 * 1024
 _NO_LINK = (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP)
@@ -49,13 +50,8 @@ def _libc_syncfs(root: Path) -> Callable[[int], None] | None:
     return syncfs
 
 
-def _kernel_version() -> tuple[int, int]:
-    """Linux before 5.8 returns 0 from syncfs even when a write-back failed."""
-    try:
-        major, minor = os.uname().release.split(".")[:2]
-        return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
-    except (ValueError, AttributeError):
-        return (0, 0)
+# Linux before 5.8 returns 0 from syncfs even when a write-back failed.
+_kernel_version = kernel_version
 
 
 def _file_system_type(path: Path) -> str:
