@@ -83,7 +83,8 @@ pytest: test-setup postgres nats
 
 test: test-setup postgres nats lint typecheck pytest
 
-bench: test-setup
+# The index-scaling runs use the machine's PostgreSQL as the tests do: start it if stopped.
+bench: test-setup postgres
 	$(BIN)/python -m bench.run
 
 clean:
