@@ -5,6 +5,8 @@ from __future__ import annotations
 import datetime as dt
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,7 @@ from gateway.forwarder import Forwarder, ForwardSettings
 from gateway.index import queue
 from gateway.index.database import make_engine
 from gateway.index.outbox import Outcome
+from gateway.node import Node
 from gateway.objectstore.filestore import FileObjectStore
 from gateway.spool import Spool
 from tests.helpers import dcmtk
@@ -113,17 +116,25 @@ def _callers(engine: object) -> set[str]:
         return {row[0] for row in rows}
 
 
-def test_concurrent_claims_split_the_queue(tmp_path: Path, database_url: str) -> None:
-    """Two claimers racing on one destination get disjoint batches."""
+@contextmanager
+def _pending_jobs(tmp_path: Path, database_url: str, count: int) -> Iterator[Node]:
+    """A node whose forwarder is stopped, with *count* instances stored and their jobs
+    for destination ``pacs`` pending and untried."""
     config = make_config(tmp_path, database_url, destination=[_destination(free_port())],
                          route=[{"name": "all", "destinations": ["pacs"]}])
     with running_node(config) as node:
         node.forwarder.stop()
-        assert dcmtk.storescu(node.receiver.port, make_study(tmp_path / "s", 40)).ok
-        wait_uploaded(node.engine, 40)
+        assert dcmtk.storescu(node.receiver.port, make_study(tmp_path / "s", count)).ok
+        wait_uploaded(node.engine, count)
         with node.engine.begin() as connection:
             connection.execute(text("UPDATE forward_job SET state = 'pending', lease_owner = NULL,"
                                     " next_attempt_at = NULL, attempts = 0"))
+        yield node
+
+
+def test_concurrent_claims_split_the_queue(tmp_path: Path, database_url: str) -> None:
+    """Two claimers racing on one destination get disjoint batches."""
+    with _pending_jobs(tmp_path, database_url, 40) as node:
         claimed: dict[str, list[int]] = {}
         barrier = threading.Barrier(4)
 
@@ -159,15 +170,7 @@ def test_outcomes_recorded_together_are_recorded_as_one_by_one_and_lost_leases_k
     """The forwarder records an association's deliveries in one go: each job moves on as
     its outcome says, with its attempt row; a job whose lease another worker took
     meanwhile is left as that worker has it, and reported."""
-    config = make_config(tmp_path, database_url, destination=[_destination(free_port())],
-                         route=[{"name": "all", "destinations": ["pacs"]}])
-    with running_node(config) as node:
-        node.forwarder.stop()
-        assert dcmtk.storescu(node.receiver.port, make_study(tmp_path / "s", 5)).ok
-        wait_uploaded(node.engine, 5)
-        with node.engine.begin() as connection:
-            connection.execute(text("UPDATE forward_job SET state = 'pending', lease_owner = NULL,"
-                                    " next_attempt_at = NULL, attempts = 0"))
+    with _pending_jobs(tmp_path, database_url, 5) as node:
         now = node.ingestor.clock()
         with node.engine.begin() as connection:
             jobs = queue.claim_batch(connection, "pacs", node="n", owner="n:w", now=now,

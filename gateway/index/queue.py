@@ -212,45 +212,6 @@ def extend_leases(
     outbox.extend_leases(connection, job_table, ids, owner, until)
 
 
-def _record_attempt(
-    connection: Connection,
-    job_id: int,
-    *,
-    now: dt.datetime,
-    outcome: str,
-    status: int | None,
-    error: str | None,
-    forward_association_id: str | None,
-    node: str | None,
-) -> None:
-    connection.execute(
-        _INSERT_ATTEMPT,
-        _attempt_values(job_id, now=now, outcome=outcome, status=status, error=error,
-                        forward_association_id=forward_association_id, node=node),
-    )
-
-
-def _attempt_values(
-    job_id: int,
-    *,
-    now: dt.datetime,
-    outcome: str,
-    status: int | None,
-    error: str | None,
-    forward_association_id: str | None,
-    node: str | None,
-) -> dict[str, Any]:
-    return {
-        "node": node,
-        "job_pk": job_id,
-        "attempted_at": now,
-        "outcome": outcome,
-        "status": status,
-        "error": error[:2000] if error else None,
-        "forward_association_id": forward_association_id,
-    }
-
-
 def record_outcome(
     connection: Connection,
     job_id: int,
@@ -262,25 +223,8 @@ def record_outcome(
     forward_association_id: str | None = None,
 ) -> bool:
     """Record one attempt and move the job on. False when the lease was lost meanwhile."""
-    extra: dict[str, Any] = {"last_status": result.status}
-    if result.outcome == "warning":
-        extra["warning"] = result.error
-    if not outbox.record(
-        connection, job_table, job_id, owner=owner, attempts=attempts, result=result, now=now,
-        extra=extra,
-    ):
-        return False
-    _record_attempt(
-        connection,
-        job_id,
-        now=now,
-        outcome=result.outcome,
-        status=result.status,
-        error=result.error,
-        forward_association_id=forward_association_id,
-        node=owner.split(":", 1)[0],
-    )
-    return True
+    return not record_outcomes(connection, [(job_id, attempts, result)], owner=owner, now=now,
+                               forward_association_id=forward_association_id)
 
 
 def record_outcomes(
@@ -291,9 +235,9 @@ def record_outcomes(
     now: dt.datetime,
     forward_association_id: str | None = None,
 ) -> list[int]:
-    """:func:`record_outcome` for many jobs (id, attempts, outcome) of one association,
-    with a statement execution per kind of outcome instead of two per job: the ids whose
-    lease was lost meanwhile (nothing recorded for them)."""
+    """Record the attempts of jobs (id, attempts, outcome) of one association and move
+    them on, with a statement execution per kind of outcome (not two per job): the ids
+    whose lease was lost meanwhile (nothing recorded for them)."""
     records = []
     for job_id, attempts, result in results:
         extra: dict[str, Any] = {"last_status": result.status}
@@ -303,9 +247,15 @@ def record_outcomes(
     recorded = outbox.record_many(connection, job_table, records, owner=owner, now=now)
     node = owner.split(":", 1)[0]
     rows = [
-        _attempt_values(job_id, now=now, outcome=result.outcome, status=result.status,
-                        error=result.error, forward_association_id=forward_association_id,
-                        node=node)
+        {
+            "node": node,
+            "job_pk": job_id,
+            "attempted_at": now,
+            "outcome": result.outcome,
+            "status": result.status,
+            "error": result.error[:2000] if result.error else None,
+            "forward_association_id": forward_association_id,
+        }
         for job_id, _attempts, result in results if job_id in recorded
     ]
     if rows:
