@@ -49,7 +49,7 @@ import socket
 import ssl
 import threading
 import time
-from typing import Any
+from typing import Any, Protocol
 
 import pynetdicom
 from pynetdicom import association as _association
@@ -226,6 +226,68 @@ def install() -> bool:
         _dul.time = _TimeForDul()
         _association.time = _TimeForAssociation()
         _installed = True
+        return True
+
+
+class Lane(Protocol):
+    """A lane attached to an association's DUL provider (:mod:`gateway.store_lane`,
+    :mod:`gateway.send_lane`): it reads the PDUs it wants itself."""
+
+    def reads_next_pdu(self) -> bool:
+        """Whether the DUL thread's next PDU read is the lane's."""
+
+    def read_pdu(self, dul: Any) -> None:
+        """Read one PDU (or more) from *dul*'s socket, as pynetdicom's read would."""
+
+    def close(self) -> None:
+        """The DUL thread has ended."""
+
+
+_lanes_installed = False
+
+
+def attach_lane(dul: Any, lane: Lane) -> None:
+    """Give *dul*'s PDU reads to *lane* from now on (:func:`install_lanes` first)."""
+    dul._gateway_lane = lane
+
+
+def lane_of(dul: Any) -> Lane | None:
+    lane: Lane | None = getattr(dul, "_gateway_lane", None)
+    return lane
+
+
+def install_lanes() -> bool:
+    """Route the PDU reads of DUL providers with a lane attached through that lane while
+    it wants them, and close the lane when the provider's thread ends (idempotent).
+    False when this pynetdicom version is not one the lanes were tested with."""
+    global _lanes_installed  # noqa: PLW0603 - pynetdicom's DUL class is process-wide
+    with _install_lock:
+        if _lanes_installed:
+            return True
+        if getattr(pynetdicom, "__version__", "") not in SUPPORTED_VERSIONS:
+            return False
+        provider = _dul.DULServiceProvider
+        original_read = provider._read_pdu_data
+        original_run = provider.run_reactor
+
+        def read_pdu_data(self: Any) -> None:
+            lane = lane_of(self)
+            if lane is None or not lane.reads_next_pdu():
+                original_read(self)
+                return
+            lane.read_pdu(self)
+
+        def run_reactor(self: Any) -> None:
+            try:
+                original_run(self)
+            finally:
+                lane = lane_of(self)
+                if lane is not None:
+                    lane.close()
+
+        provider._read_pdu_data = read_pdu_data
+        provider.run_reactor = run_reactor
+        _lanes_installed = True
         return True
 
 

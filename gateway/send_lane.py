@@ -48,11 +48,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-import pynetdicom
-from pynetdicom import dul as _dul
-
 from gateway.dimse_codec import c_store_rq_command, fits, p_data_tf, plain_uids
-from gateway.dimse_reactor import SUPPORTED_VERSIONS
+from gateway.dimse_reactor import attach_lane, install_lanes
 from gateway.store_lane import BYPASSED_EVENTS, ProtocolError, pdv_items, receive_pdu
 
 _P_DATA_TF = 0x04
@@ -306,6 +303,12 @@ class SendLane:
         with self._lock:
             return self._waiter is not None
 
+    def reads_next_pdu(self) -> bool:
+        return self.waiting()
+
+    def read_pdu(self, dul: Any) -> None:
+        _read_pdu(dul, self)
+
     def receive(self, body: bytearray) -> None:
         """The PDV items of a P-DATA-TF PDU that arrived while a response is awaited."""
         with self._lock:
@@ -362,7 +365,7 @@ def attach(assoc: Any) -> SendLane | None:
     if isinstance(getattr(assoc.dul.socket, "socket", None), ssl.SSLSocket):
         return None  # two threads must not read and write one TLS connection at once
     lane = SendLane(assoc)
-    assoc.dul._gateway_send_lane = lane
+    attach_lane(assoc.dul, lane)
     return lane
 
 
@@ -371,33 +374,8 @@ def install() -> bool:
     this pynetdicom version is not one the lane was tested with."""
     global _installed  # noqa: PLW0603 - pynetdicom's DUL class is process-wide
     with _install_lock:
-        if _installed:
-            return True
-        if getattr(pynetdicom, "__version__", "") not in SUPPORTED_VERSIONS:
-            return False
-        provider = _dul.DULServiceProvider
-        original_read = provider._read_pdu_data
-        original_run = provider.run_reactor
-
-        def read_pdu_data(self: Any) -> None:
-            lane: SendLane | None = getattr(self, "_gateway_send_lane", None)
-            if lane is None or not lane.waiting():
-                original_read(self)
-                return
-            _read_pdu(self, lane)
-
-        def run_reactor(self: Any) -> None:
-            try:
-                original_run(self)
-            finally:
-                lane: SendLane | None = getattr(self, "_gateway_send_lane", None)
-                if lane is not None:
-                    lane.close()
-
-        provider._read_pdu_data = read_pdu_data
-        provider.run_reactor = run_reactor
-        _installed = True
-        return True
+        _installed = _installed or install_lanes()
+        return _installed
 
 
 def _read_pdu(dul: Any, lane: SendLane) -> None:

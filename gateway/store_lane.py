@@ -55,7 +55,6 @@ from typing import Any
 import pynetdicom
 import structlog
 from pynetdicom import association as _association
-from pynetdicom import dul as _dul
 from pynetdicom import evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu_primitives import P_DATA
@@ -72,7 +71,8 @@ from gateway.dimse_codec import (
     plain_uids,
     send_pdv,
 )
-from gateway.dimse_reactor import SUPPORTED_VERSIONS
+from gateway.dimse_reactor import attach_lane, install_lanes
+from gateway.dimse_reactor import lane_of as dul_lane_of
 from gateway.ingest import ReceivedInstance
 from gateway.logs import failure_fields, get_logger
 from gateway.spool import start_writeback
@@ -316,6 +316,12 @@ class StoreLane:
             structlog.contextvars.bind_contextvars(**self.log_context)
             self._bound = True
 
+    def reads_next_pdu(self) -> bool:
+        return True
+
+    def read_pdu(self, dul: Any) -> None:
+        _read_pdu(dul, self)
+
     def holds_message(self) -> bool:
         """Whether a message the lane took is still being received."""
         return self._message is not None
@@ -543,14 +549,14 @@ def attach(assoc: Any, lane: StoreLane) -> bool:
         return False
     for settling in (evt.EVT_ESTABLISHED, evt.EVT_ABORTED, evt.EVT_RELEASED):
         assoc.bind(settling, lane._on_settled)
-    assoc.dul._gateway_lane = lane
+    attach_lane(assoc.dul, lane)
     return True
 
 
 def lane_of(assoc: Any) -> StoreLane | None:
     """The lane attached to *assoc*, if any."""
-    lane: StoreLane | None = getattr(getattr(assoc, "dul", None), "_gateway_lane", None)
-    return lane
+    lane = dul_lane_of(getattr(assoc, "dul", None))
+    return lane if isinstance(lane, StoreLane) else None
 
 
 def install() -> bool:
@@ -560,27 +566,8 @@ def install() -> bool:
     with _install_lock:
         if _installed:
             return True
-        if getattr(pynetdicom, "__version__", "") not in SUPPORTED_VERSIONS:
+        if not install_lanes():
             return False
-        provider = _dul.DULServiceProvider
-        original_read = provider._read_pdu_data
-        original_run = provider.run_reactor
-
-        def read_pdu_data(self: Any) -> None:
-            lane: StoreLane | None = getattr(self, "_gateway_lane", None)
-            if lane is None:
-                original_read(self)
-                return
-            _read_pdu(self, lane)
-
-        def run_reactor(self: Any) -> None:
-            try:
-                original_run(self)
-            finally:
-                lane: StoreLane | None = getattr(self, "_gateway_lane", None)
-                if lane is not None:
-                    lane.close()
-
         original_serve = _association.Association._serve_request
 
         def serve_request(self: Any, msg: Any, context_id: int) -> None:
@@ -593,8 +580,6 @@ def install() -> bool:
                 if lane is not None and threading.current_thread() is self:
                     lane.pynetdicom_served()
 
-        provider._read_pdu_data = read_pdu_data
-        provider.run_reactor = run_reactor
         _association.Association._serve_request = serve_request
         _installed = True
         return True
